@@ -1,0 +1,213 @@
+"""The command line: the RFC's xl subcommands, the domain verbs and ``mount``.
+
+Parses arguments, calls the engine, prints for humans or ``--json``. A failure
+is one line on stderr and a non-zero exit status, never a traceback.
+"""
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .config import Dirs
+from .engine import Engine
+from .errors import SnapfsError
+
+__all__ = ["main"]
+
+logger = logging.getLogger("snapfs")
+
+EXIT_FAILURE = 1
+EXIT_INTERNAL = 70
+
+
+def _human_size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def _time(sec: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sec))
+
+
+def _clock(sec: int, nsec: int) -> str:
+    return f"{sec // 3600:04d}:{sec // 60 % 60:02d}:{sec % 60:02d}.{nsec // 1_000_000:03d}"
+
+
+def _print_table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def _json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str))
+
+
+async def cmd_domain(engine: Engine, args: argparse.Namespace) -> None:
+    if args.verb == "define":
+        dom = engine.domain_define(Path(args.file))
+        print(f"domain {dom.name} defined (uuid {dom.uuid})")
+    elif args.verb == "start":
+        await engine.domain_start(args.domain, paused=args.paused)
+        print(f"domain {args.domain} started{' paused' if args.paused else ''}")
+    elif args.verb == "stop":
+        clean = await engine.domain_stop(args.domain, force=args.force, timeout=args.timeout)
+        how = "shut down" if clean else "stopped (QEMU quit" + ("" if args.force else
+                                                                  " after the ACPI timeout") + ")"
+        print(f"domain {args.domain} {how}")
+    elif args.verb in ("list", "status"):
+        names = engine.domain_names() if args.verb == "list" else [args.domain]
+        statuses = [await engine.domain_status(n) for n in names]
+        if args.json:
+            _json([asdict(s) for s in statuses] if args.verb == "list" else asdict(statuses[0]))
+            return
+        rows = [[s.name, s.state, s.current or "-",
+                 s.operation.operation if s.operation else "-"] for s in statuses]
+        _print_table(rows, ["NAME", "STATE", "CURRENT", "OPERATION"])
+        if args.verb == "status" and statuses[0].last_error:
+            print(f"last error: {statuses[0].last_error}")
+
+
+async def cmd_vm_snapshot(engine: Engine, args: argparse.Namespace) -> None:
+    if args.verb == "create":
+        snap = await engine.vm_snapshot_create(args.domain, args.name, mode=args.mode)
+        print(f"VM snapshot {snap.name} of {args.domain} created ({snap.state})")
+    elif args.verb == "delete":
+        await engine.vm_snapshot_delete(args.domain, args.name)
+        print(f"VM snapshot {args.name} of {args.domain} deleted")
+    elif args.verb == "apply":
+        await engine.vm_snapshot_apply(args.domain, args.name, paused=args.paused)
+        print(f"domain {args.domain} reverted to VM snapshot {args.name}"
+              f"{' (paused)' if args.paused else ''}")
+    elif args.verb == "list":
+        snaps = await engine.vm_snapshot_list(args.domain)
+        if args.json:
+            _json([{**asdict(s), "save": str(s.save) if s.save else None} for s in snaps])
+            return
+        _print_table([[s.name, _time(s.creation_time), s.state,
+                       _human_size(s.save_size) if s.save else "-", s.parent or "-"]
+                      for s in snaps], ["NAME", "CREATED", "STATE", "SAVE SIZE", "PARENT"])
+
+
+async def cmd_disk_snapshot(engine: Engine, args: argparse.Namespace) -> None:
+    if args.verb == "create":
+        tag = await engine.disk_snapshot_create(args.domain, args.name)
+        print(f"disk snapshot {tag} of {args.domain} created")
+    elif args.verb == "delete":
+        await engine.disk_snapshot_delete(args.domain, id=args.id, tag=args.name)
+        print(f"disk snapshot {args.name or 'id ' + args.id} of {args.domain} deleted")
+    elif args.verb == "list":
+        snaps = await engine.disk_snapshot_list(args.domain)
+        if args.json:
+            _json([asdict(s) for s in snaps])
+            return
+        _print_table([[s.dev, s.id, s.tag, _human_size(s.vm_state_size), _time(s.date_sec),
+                       _clock(s.vm_clock_sec, s.vm_clock_nsec)] for s in snaps],
+                     ["DISK", "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK"])
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="snapfs", description=__doc__.splitlines()[0])
+    parser.add_argument("--config-dir", help="domain definitions (default /etc/snapfs, "
+                        "or $SNAPFS_CONFIG_DIR)")
+    parser.add_argument("--state-dir", help="snapshots (default /var/lib/snapfs, "
+                        "or $SNAPFS_STATE_DIR)")
+    parser.add_argument("--run-dir", help="sockets, pidfiles, locks (default /run/snapfs, "
+                        "or $SNAPFS_RUN_DIR)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    dom = sub.add_parser("domain", help="define, start, stop, list domains")
+    dsub = dom.add_subparsers(dest="verb", required=True, metavar="VERB")
+    p = dsub.add_parser("define", help="install a TOML definition")
+    p.add_argument("file")
+    p = dsub.add_parser("start", help="start a domain's QEMU")
+    p.add_argument("domain")
+    p.add_argument("--paused", action="store_true", help="start with vCPUs stopped")
+    p = dsub.add_parser("stop", help="ACPI power-down, then quit after a timeout")
+    p.add_argument("domain")
+    p.add_argument("--force", action="store_true", help="quit QEMU at once")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
+    p = dsub.add_parser("list", help="every defined domain and its state")
+    p.add_argument("--json", action="store_true")
+    p = dsub.add_parser("status", help="one domain's state")
+    p.add_argument("domain")
+    p.add_argument("--json", action="store_true")
+    dom.set_defaults(run=cmd_domain)
+
+    def add(name: str, run: Callable[..., Awaitable[None]], verb: str, helptext: str,
+            name_opt: str = "optional", json_opt: bool = False) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=helptext)
+        if name_opt == "optional":
+            p.add_argument("-n", dest="name", metavar="NAME", help="default: epoch seconds")
+        elif name_opt == "required":
+            p.add_argument("-n", dest="name", metavar="NAME", required=True)
+        p.add_argument("domain", metavar="DOMAIN")
+        if json_opt:
+            p.add_argument("--json", action="store_true", help="print JSON")
+        p.set_defaults(run=run, verb=verb)
+        return p
+
+    p = add("vm-snapshot-create", cmd_vm_snapshot, "create", "snapshot memory, disks, definition")
+    p.add_argument("--mode", choices=("live", "paused"), default="live",
+                   help="live: memory written while the VM runs (default); paused: stop-and-save")
+    add("vm-snapshot-delete", cmd_vm_snapshot, "delete", "delete a VM snapshot", "required")
+    add("vm-snapshot-list", cmd_vm_snapshot, "list", "list VM snapshots", "none", json_opt=True)
+    p = add("vm-snapshot-apply", cmd_vm_snapshot, "apply", "revert the domain", "required")
+    p.add_argument("--paused", action="store_true", help="leave the restored domain paused")
+    add("disk-snapshot-create", cmd_disk_snapshot, "create", "snapshot every disk at once")
+    p = add("disk-snapshot-delete", cmd_disk_snapshot, "delete", "delete a disk snapshot", "none")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("-i", dest="id", metavar="ID")
+    which.add_argument("-n", dest="name", metavar="NAME")
+    add("disk-snapshot-list", cmd_disk_snapshot, "list", "list disk snapshots", "none",
+        json_opt=True)
+
+    p = sub.add_parser("mount", help="mount the snapshot tree")
+    p.add_argument("mountpoint")
+    p.add_argument("--foreground", "-f", action="store_true", help="do not daemonize")
+    p.add_argument("--allow-other", action="store_true",
+                   help="let other users list and read metadata (permissions still apply)")
+    p.set_defaults(run=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="snapfs: %(levelname)s: %(name)s: %(message)s")
+    dirs = Dirs.from_env(args.config_dir, args.state_dir, args.run_dir)
+    what = args.command + (f" {args.verb}" if args.command == "domain" else "")
+    try:
+        if args.command == "mount":
+            from .ops.mount import mount
+            return mount(dirs, Path(args.mountpoint), foreground=args.foreground,
+                         allow_other=args.allow_other)
+        trio.run(args.run, Engine(dirs), args)
+    except SnapfsError as err:
+        print(f"snapfs: {what}: {err}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print(f"snapfs: {what}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        logger.debug("internal error", exc_info=True)
+        print(f"snapfs: {what}: internal error: {type(err).__name__}: {err} "
+              "(run with -v for details)", file=sys.stderr)
+        return EXIT_INTERNAL
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,636 @@
+"""The snapshot engine: the RFC's seven operations and the domain verbs.
+
+Everything the CLI and the tree do goes through ``Engine``; they only translate
+arguments and errors. Operations on one domain are serialized across processes
+by an flock on ``<run dir>/<name>.lock``; different domains run side by side.
+While an operation runs, ``<run dir>/<name>.op`` says what it is and how far it
+got; a failure's message is kept in ``<run dir>/<name>.error`` for ``.status``.
+"""
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from . import domain as qemu
+from . import images, qmp
+from .config import Dirs, DomainDef, check_snapshot_name, define_domain, list_domains, \
+    load_domain, parse_domain
+from .errors import AlreadyExists, Busy, ConfigError, NoSpace, NotFound, NotSupported, \
+    QemuError, SnapfsError, StateError
+from .files import atomic_write
+from .images import DiskSnapshot
+from .store import UNDO, Store, VmSnapshot, sha256_file
+
+__all__ = ["Engine", "DomainStatus", "Progress"]
+
+logger = logging.getLogger(__name__)
+
+SAVE_FD = "snapfs-save"
+RESTORE_FD = "snapfs-restore"
+# Migration defaults throttle a save to 128 MiB/s and send a paused VM's RAM in
+# one step under QEMU's global lock (DESIGN §7): lift the cap, keep steps short.
+MIGRATE_PARAMETERS = {"max-bandwidth": 1 << 40, "downtime-limit": 5}
+POLL = 0.01
+MODES = ("live", "paused")
+
+
+@dataclass(frozen=True)
+class Progress:
+    operation: str
+    done: int = 0
+    total: int = 0
+    pid: int = 0
+    started: float = 0.0
+
+
+@dataclass(frozen=True)
+class DomainStatus:
+    name: str
+    state: str                  # running | paused | shutoff
+    current: str
+    operation: Progress | None
+    last_error: str
+
+
+def _now_name() -> str:
+    return str(int(time.time()))
+
+
+class Engine:
+    """The operations of DESIGN §3 over the directories ``dirs``."""
+
+    def __init__(self, dirs: Dirs) -> None:
+        self.dirs = dirs
+        self._local_locks: dict[str, trio.Lock] = {}
+
+    # -- bookkeeping -------------------------------------------------------
+
+    def _store(self, dom: DomainDef) -> Store:
+        return Store(self.dirs, dom.uuid)
+
+    def _op_path(self, name: str) -> Path:
+        return self.dirs.run / f"{name}.op"
+
+    def _error_path(self, name: str) -> Path:
+        return self.dirs.run / f"{name}.error"
+
+    def record_error(self, name: str, message: str) -> None:
+        """Keep ``message`` as the domain's ``last_error`` (the tree shows it in ``.status``)."""
+        try:
+            self.dirs.run.mkdir(mode=0o700, parents=True, exist_ok=True)
+            atomic_write(self._error_path(name), f"{int(time.time())} {message}\n", mode=0o644)
+        except OSError as err:
+            logger.warning("cannot record last error of %s: %s", name, err)
+
+    def _progress(self, name: str, progress: Progress) -> None:
+        try:
+            atomic_write(self._op_path(name), json.dumps(progress.__dict__), mode=0o644)
+        except OSError as err:
+            logger.debug("cannot record progress of %s: %s", name, err)
+
+    @asynccontextmanager
+    async def _operation(self, name: str, operation: str) -> AsyncIterator[None]:
+        """Hold the domain's lock for ``operation``; record its failure as last_error."""
+        self.dirs.ensure()
+        local = self._local_locks.setdefault(name, trio.Lock())
+        try:
+            async with local:
+                fd = os.open(qemu.Paths(self.dirs, name).lock,
+                             os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+                try:
+                    while True:
+                        try:
+                            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                            break
+                        except BlockingIOError:
+                            await trio.sleep(0.02)
+                    self._progress(name, Progress(operation, pid=os.getpid(), started=time.time()))
+                    try:
+                        yield
+                    finally:
+                        self._op_path(name).unlink(missing_ok=True)
+                finally:
+                    os.close(fd)
+        except SnapfsError as err:
+            self.record_error(name, f"{operation}: {err}")
+            raise
+
+    def _domain(self, name: str) -> DomainDef:
+        try:
+            return load_domain(self.dirs, name)
+        except SnapfsError as err:
+            self.record_error(name, str(err)) if isinstance(err, ConfigError) else None
+            raise
+
+    async def _formats(self, dom: DomainDef) -> dict[str, str]:
+        infos = [await images.image_info(d.file) for d in dom.disks]
+        return {d.dev: info["format"] for d, info in zip(dom.disks, infos)}
+
+    async def _require_qcow2(self, dom: DomainDef) -> None:
+        for dev, fmt in (await self._formats(dom)).items():
+            if fmt != "qcow2":
+                raise NotSupported(f"disk {dev} of {dom.name!r} is {fmt}, not qcow2: "
+                                   "it cannot hold internal snapshots")
+
+    # -- domains -----------------------------------------------------------
+
+    def domain_define(self, source: Path) -> DomainDef:
+        return define_domain(self.dirs, source)
+
+    def domain_names(self) -> list[str]:
+        return list_domains(self.dirs)
+
+    async def domain_start(self, name: str, paused: bool = False) -> None:
+        dom = self._domain(name)
+        async with self._operation(name, "domain-start"):
+            await qemu.start(self.dirs, dom, await self._formats(dom), paused=paused)
+
+    async def domain_stop(self, name: str, force: bool = False, timeout: float = 60.0) -> bool:
+        """Power the domain down (ACPI, then quit after ``timeout``); true if the guest obeyed."""
+        self._domain(name)
+        async with self._operation(name, "domain-stop"):
+            if qemu.running_pid(self.dirs, name) is None:
+                raise StateError(f"domain {name!r} is not running")
+            clean = False
+            if not force:
+                clean = await qemu.powerdown(self.dirs, name, timeout)
+            await qemu.quit(self.dirs, name)
+            return clean
+
+    def _state_file(self, name: str) -> Path:
+        return self.dirs.run / f"{name}.state"
+
+    async def domain_status(self, name: str) -> DomainStatus:
+        """The domain's run state, current snapshot, operation in progress and last error.
+
+        Does not wait for a running operation: while one holds the monitor, the
+        state is the one that operation last recorded.
+        """
+        dom = self._domain(name)
+        op = self._read_progress(name)
+        state = "shutoff"
+        if qemu.running_pid(self.dirs, name) is not None:
+            state = await self._live_state(name, busy=op is not None)
+        try:
+            last_error = self._error_path(name).read_text().strip()
+        except OSError:
+            last_error = ""
+        current = await trio.to_thread.run_sync(self._store(dom).current)
+        return DomainStatus(name, state, current, op, last_error)
+
+    async def _live_state(self, name: str, busy: bool) -> str:
+        if not busy:
+            with trio.move_on_after(2):
+                try:
+                    async with qmp.connect(qemu.Paths(self.dirs, name).qmp) as mon:
+                        state = await qemu.run_state(mon)
+                    self._remember_state(name, state)
+                    return state
+                except QemuError as err:
+                    logger.debug("status of %s: %s", name, err)
+        try:
+            return self._state_file(name).read_text().strip() or "running"
+        except OSError:
+            return "running"
+
+    def _remember_state(self, name: str, state: str) -> None:
+        try:
+            atomic_write(self._state_file(name), state, mode=0o644)
+        except OSError as err:
+            logger.debug("cannot record state of %s: %s", name, err)
+
+    def _read_progress(self, name: str) -> Progress | None:
+        try:
+            raw = json.loads(self._op_path(name).read_text())
+            progress = Progress(**raw)
+        except (OSError, ValueError, TypeError):
+            return None
+        # An operation whose process died is not in progress (the journal recovers it).
+        try:
+            os.kill(progress.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return None
+        return progress
+
+    # -- disk snapshots ----------------------------------------------------
+
+    async def disk_snapshot_list(self, name: str) -> list[DiskSnapshot]:
+        """Every internal snapshot of every disk, in disk order then id order."""
+        dom = self._domain(name)
+        async with self._operation(name, "disk-snapshot-list"):
+            return await self._disk_snapshots(dom)
+
+    async def _disk_snapshots(self, dom: DomainDef,
+                              mon: qmp.Monitor | None = None) -> list[DiskSnapshot]:
+        """QMP when the domain runs (through ``mon`` if the caller has it open), else qemu-img."""
+        running = qemu.running_pid(self.dirs, dom.name) is not None
+        if mon is None and running:
+            async with qmp.connect(qemu.Paths(self.dirs, dom.name).qmp) as own:
+                return await self._disk_snapshots(dom, own)
+        if mon is None:
+            result = []
+            for disk in dom.disks:
+                result += await images.list_snapshots(disk.dev, disk.file)
+            return result
+        nodes = await mon.execute("query-named-block-nodes", {"flat": True})
+        by_node = {n["node-name"]: n for n in nodes}
+        result = []
+        for disk in dom.disks:
+            image = by_node.get(disk.dev, {}).get("image", {})
+            result += [DiskSnapshot.from_qemu(disk.dev, s) for s in image.get("snapshots", [])]
+        return result
+
+    async def _check_tag_free(self, dom: DomainDef, tag: str) -> None:
+        taken = [s.dev for s in await self._disk_snapshots(dom) if s.tag == tag]
+        if taken:
+            raise AlreadyExists(f"disk snapshot {tag!r} already exists on {', '.join(taken)}")
+
+    async def disk_snapshot_create(self, name: str, tag: str | None = None) -> str:
+        """One internal snapshot of every disk at one instant, all or none; returns its tag."""
+        dom = self._domain(name)
+        async with self._operation(name, "disk-snapshot-create"):
+            tag = check_snapshot_name(tag or _now_name())
+            await self._require_qcow2(dom)
+            await self._check_tag_free(dom, tag)
+            if qemu.running_pid(self.dirs, name) is None:
+                await self._offline_disk_snapshot(dom, tag)
+            else:
+                async with qmp.connect(qemu.Paths(self.dirs, name).qmp) as mon:
+                    await self._disk_transaction(mon, dom, tag)
+            return tag
+
+    async def _offline_disk_snapshot(self, dom: DomainDef, tag: str) -> None:
+        done: list[Path] = []
+        try:
+            for disk in dom.disks:
+                await images.snapshot_create(disk.file, tag)
+                done.append(disk.file)
+        except SnapfsError:
+            with trio.CancelScope(shield=True):
+                for path in done:
+                    await images.snapshot_delete(path, tag)
+            raise
+
+    async def _disk_transaction(self, mon: qmp.Monitor, dom: DomainDef, tag: str) -> None:
+        actions = [{"type": "blockdev-snapshot-internal-sync",
+                    "data": {"device": d.dev, "name": tag}} for d in dom.disks]
+        await mon.execute("transaction", {"actions": actions})
+
+    async def _delete_disk_tag(self, dom: DomainDef, tag: str, mon: qmp.Monitor | None,
+                               only: set[str] | None = None) -> None:
+        for disk in dom.disks:
+            if only is not None and disk.dev not in only:
+                continue
+            if mon is None:
+                await images.snapshot_delete(disk.file, tag)
+            else:
+                await mon.execute("blockdev-snapshot-delete-internal-sync",
+                                  {"device": disk.dev, "name": tag})
+
+    async def disk_snapshot_delete(self, name: str, id: str | None = None,
+                                   tag: str | None = None) -> None:
+        """Delete a disk snapshot by tag, or by id on each disk that has it."""
+        dom = self._domain(name)
+        async with self._operation(name, "disk-snapshot-delete"):
+            snaps = await self._disk_snapshots(dom)
+            chosen = [s for s in snaps if (s.tag == tag if tag is not None else s.id == id)]
+            what = f"name {tag!r}" if tag is not None else f"id {id!r}"
+            if not chosen:
+                raise NotFound(f"no disk snapshot with {what} on {name!r}")
+            store = self._store(dom)
+            for snap in {s.tag for s in chosen}:
+                owner = await trio.to_thread.run_sync(self._vm_snapshot_of_tag, store, snap)
+                if owner:
+                    raise Busy(f"disk snapshot {snap!r} belongs to VM snapshot {owner!r}; "
+                               "delete it with vm-snapshot-delete")
+            self._refuse_exported(dom, {s.tag for s in chosen})
+            running = qemu.running_pid(self.dirs, name) is not None
+            async with self._maybe_monitor(dom, running) as mon:
+                for snap in chosen:
+                    await self._delete_disk_tag(dom, snap.tag, mon, only={snap.dev})
+
+    @staticmethod
+    def _vm_snapshot_of_tag(store: Store, tag: str) -> str:
+        for name in store.names():
+            try:
+                if store.read(name).disk_tag == tag:
+                    return name
+            except SnapfsError:
+                continue
+        return ""
+
+    def _refuse_exported(self, dom: DomainDef, tags: set[str]) -> None:
+        from .diskview import exported  # the views are optional at import time
+        for disk in dom.disks:
+            for tag in tags:
+                if exported(self.dirs.run, disk.file, tag):
+                    raise Busy(f"snapshot {tag!r} of disk {disk.dev} is open as a disk view; "
+                               "close it first")
+
+    @asynccontextmanager
+    async def _maybe_monitor(self, dom: DomainDef, running: bool) -> AsyncIterator[qmp.Monitor | None]:
+        if not running:
+            yield None
+            return
+        async with qmp.connect(qemu.Paths(self.dirs, dom.name).qmp) as mon:
+            yield mon
+
+    # -- VM snapshots ------------------------------------------------------
+
+    async def vm_snapshot_list(self, name: str) -> list[VmSnapshot]:
+        dom = self._domain(name)
+        return await trio.to_thread.run_sync(self._store(dom).list)
+
+    async def vm_snapshot_info(self, name: str, snapshot: str) -> VmSnapshot:
+        dom = self._domain(name)
+        return await trio.to_thread.run_sync(self._store(dom).read, snapshot)
+
+    def snapshot_config_path(self, name: str, snapshot: str) -> Path:
+        return self._store(self._domain(name)).config_path(snapshot)
+
+    async def vm_snapshot_create(self, name: str, snapshot: str | None = None,
+                                 mode: str = "live") -> VmSnapshot:
+        """Definition + memory + disks of one instant; the domain keeps its run state."""
+        if mode not in MODES:
+            raise StateError(f"unknown mode {mode!r}: use live or paused")
+        dom = self._domain(name)
+        async with self._operation(name, "vm-snapshot-create"):
+            snapshot = check_snapshot_name(snapshot or _now_name())
+            store = self._store(dom)
+            if await trio.to_thread.run_sync(store.exists, snapshot):
+                raise AlreadyExists(f"VM snapshot {snapshot!r} of {name!r} already exists")
+            await self._require_qcow2(dom)
+            await self._check_tag_free(dom, snapshot)
+            return await self._create(dom, snapshot, snapshot, mode, parent=store.current())
+
+    async def _create(self, dom: DomainDef, snapshot: str, tag: str, mode: str,
+                      parent: str) -> VmSnapshot:
+        store = self._store(dom)
+        await trio.to_thread.run_sync(store.ensure)
+        created = int(time.time())
+        disks = tuple(d.dev for d in dom.disks)
+        if qemu.running_pid(self.dirs, dom.name) is None:
+            await self._offline_disk_snapshot(dom, tag)
+            snap = VmSnapshot(name=snapshot, creation_time=created, save=None, state="shutoff",
+                              parent=parent, disks=disks, tag=tag)
+        else:
+            save = store.save_path(snapshot)
+            state, size, digest = await self._save(dom, tag, save, mode)
+            snap = VmSnapshot(name=snapshot, creation_time=created, save=save, state=state,
+                              parent=parent, disks=disks, save_sha256=digest, save_size=size,
+                              tag=tag)
+        try:
+            await trio.to_thread.run_sync(store.write, snap, dom.to_toml())
+            if snapshot != UNDO:
+                await trio.to_thread.run_sync(store.set_current, snapshot)
+        except OSError as err:
+            with trio.CancelScope(shield=True):
+                await self._forget(dom, snap)
+            raise (NoSpace if err.errno == errno.ENOSPC else QemuError)(
+                f"writing the info file of {snapshot!r} failed: {err}; nothing was kept") from err
+        return snap
+
+    async def _forget(self, dom: DomainDef, snap: VmSnapshot) -> None:
+        """Remove a snapshot's disk tags and files, whatever state it is in."""
+        running = qemu.running_pid(self.dirs, dom.name) is not None
+        try:
+            async with self._maybe_monitor(dom, running) as mon:
+                present = {s.dev for s in await self._disk_snapshots(dom, mon)
+                           if s.tag == snap.disk_tag}
+                await self._delete_disk_tag(dom, snap.disk_tag, mon, only=present)
+        finally:
+            await trio.to_thread.run_sync(self._store(dom).remove, snap.name)
+
+    async def _save(self, dom: DomainDef, tag: str, save: Path, mode: str) -> tuple[str, int, str]:
+        """Disk transaction + save image of a running QEMU; returns (state, size, sha256).
+
+        On failure the disk snapshots are deleted, the partial image removed and
+        the domain left in the run state it had.
+        """
+        tmp = save.with_name(f".{save.name}.tmp")
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        tagged = False
+        try:
+            async with qmp.connect(qemu.Paths(self.dirs, dom.name).qmp) as mon:
+                state = await qemu.run_state(mon)
+                try:
+                    await self._prepare_migration(mon, live=mode == "live" and state == "running")
+                    await mon.send_fd(fd, SAVE_FD)
+                    await mon.execute("stop")
+                    await self._disk_transaction(mon, dom, tag)
+                    tagged = True
+                    await mon.execute("migrate", {"uri": f"fd:{SAVE_FD}"})
+                    await self._wait_migration(mon, dom.name, "vm-snapshot-create")
+                    if state != "running":
+                        await self._reactivate_paused(mon)
+                except BaseException:
+                    with trio.CancelScope(shield=True):
+                        await self._undo_save(mon, dom, tag if tagged else None)
+                        await self._resume(mon, state)
+                    raise
+                await self._resume(mon, state)
+            await trio.to_thread.run_sync(os.fsync, fd)
+        except BaseException as err:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+                with trio.CancelScope(shield=True):
+                    await self._forget(dom, VmSnapshot(tag, 0, None, "", "", (), tag=tag))
+                raise NoSpace(f"no space left while writing the save image of {tag!r}; "
+                              "partial files removed, domain left as it was") from err
+            raise
+        os.close(fd)
+        size, digest = await trio.to_thread.run_sync(sha256_file, tmp)
+        os.chmod(tmp, 0o400)
+        os.replace(tmp, save)
+        return state, size, digest
+
+    async def _prepare_migration(self, mon: qmp.Monitor, live: bool) -> None:
+        # Capabilities persist in the QEMU process: set every one we rely on, each time.
+        await mon.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": "background-snapshot", "state": live}]})
+        await mon.execute("migrate-set-parameters", MIGRATE_PARAMETERS)
+
+    async def _wait_migration(self, mon: qmp.Monitor, name: str, operation: str) -> dict[str, Any]:
+        last = 0.0
+        while True:
+            info = await mon.execute("query-migrate")
+            status = info.get("status", "none")
+            if status == "completed":
+                return dict(info)
+            if status in ("failed", "cancelled"):
+                reason = info.get("error-desc", status)
+                if "No space left" in reason:
+                    raise NoSpace(f"no space left on the state dir: {reason}")
+                raise QemuError(f"migration {status}: {reason}")
+            ram = info.get("ram", {})
+            if time.monotonic() - last > 0.2 and ram:
+                last = time.monotonic()
+                self._progress(name, Progress(operation, done=int(ram.get("transferred", 0)),
+                                              total=int(ram.get("total", 0)), pid=os.getpid(),
+                                              started=time.time()))
+            await trio.sleep(POLL)
+
+    async def _undo_save(self, mon: qmp.Monitor, dom: DomainDef, tag: str | None) -> None:
+        try:
+            info = await mon.execute("query-migrate")
+            if info.get("status") in ("active", "setup", "device", "pre-switchover"):
+                await mon.execute("migrate_cancel")
+                while (await mon.execute("query-migrate")).get("status") not in (
+                        "cancelled", "failed", "completed"):
+                    await trio.sleep(POLL)
+            if tag is not None:
+                await self._delete_disk_tag(dom, tag, mon)
+        except SnapfsError as err:
+            logger.error("domain %s: cleaning up a failed save: %s", dom.name, err)
+
+    async def _reactivate_paused(self, mon: qmp.Monitor) -> None:
+        """Give a paused domain its disks back after a completed save.
+
+        A completed migration leaves the disks inactive (DESIGN §7), and QEMU 7.2
+        aborts on the next internal-snapshot command; ``cont`` is the only command
+        that activates them, so the vCPUs run for the instant between it and ``stop``.
+        """
+        await mon.execute("cont")
+        await mon.execute("stop")
+
+    async def _resume(self, mon: qmp.Monitor, state: str) -> None:
+        """Bring the vCPUs back to ``state`` (a failed save must not leave a VM paused)."""
+        if state == "running" and await qemu.run_state(mon) != "running":
+            await mon.execute("cont")
+        self._remember_state(mon.path.stem, state)
+
+    async def vm_snapshot_delete(self, name: str, snapshot: str) -> None:
+        dom = self._domain(name)
+        async with self._operation(name, "vm-snapshot-delete"):
+            snap = await trio.to_thread.run_sync(self._store(dom).read, snapshot)
+            self._refuse_exported(dom, {snap.disk_tag})
+            await self._forget(dom, snap)
+
+    async def vm_snapshot_apply(self, name: str, snapshot: str, paused: bool = False) -> None:
+        """Bring the domain back to ``snapshot``; the state it leaves is kept as ``.undo``."""
+        dom = self._domain(name)
+        async with self._operation(name, "vm-snapshot-apply"):
+            store = self._store(dom)
+            snap = await trio.to_thread.run_sync(store.read, snapshot)
+            target = await self._check_applicable(dom, snap)
+            running = qemu.running_pid(self.dirs, name) is not None
+            undo = await self._keep_undo(dom, running)
+            try:
+                await self._restore(dom, target, snap, paused)
+            except BaseException as err:
+                with trio.CancelScope(shield=True):
+                    if undo is not None:
+                        await self._bring_back_undo(dom, undo, err)
+                raise
+            if snapshot != UNDO:
+                await trio.to_thread.run_sync(store.set_current, snapshot)
+
+    async def _check_applicable(self, dom: DomainDef, snap: VmSnapshot) -> DomainDef:
+        """Everything apply needs is there and intact, before the domain is touched."""
+        store = self._store(dom)
+        try:
+            text = await trio.to_thread.run_sync(store.config_path(snap.name).read_text)
+        except OSError as err:
+            raise NotFound(f"snapshot {snap.name!r} has no saved definition: {err}") from None
+        target = parse_domain(text, str(store.config_path(snap.name)))
+        if snap.save is not None:
+            try:
+                size, digest = await trio.to_thread.run_sync(sha256_file, snap.save)
+            except OSError as err:
+                raise NotFound(f"save image of {snap.name!r} is unreadable: {err}") from None
+            if snap.save_size and size != snap.save_size:
+                raise ConfigError(f"save image of {snap.name!r} is {size} bytes, "
+                                  f"{snap.save_size} were written: it is truncated or damaged")
+            if snap.save_sha256 and digest != snap.save_sha256:
+                raise ConfigError(f"save image of {snap.name!r} does not match its sha256: "
+                                  "it is damaged")
+        for disk in target.disks:
+            tags = {s.tag for s in await images.list_snapshots(disk.dev, disk.file)}
+            if snap.disk_tag not in tags:
+                raise NotFound(f"disk {disk.dev} ({disk.file}) has no snapshot {snap.disk_tag!r}")
+        return target
+
+    async def _keep_undo(self, dom: DomainDef, running: bool) -> VmSnapshot | None:
+        """Snapshot the state about to be replaced as ``.undo``, replacing the previous one."""
+        store = self._store(dom)
+        tag = f".undo-{time.time_ns()}"
+        old = None
+        if await trio.to_thread.run_sync(store.exists, UNDO):
+            old = await trio.to_thread.run_sync(store.read, UNDO)
+            await self._forget(dom, old)
+        await self._require_qcow2(dom)
+        return await self._create(dom, UNDO, tag, "paused", parent=store.current())
+
+    async def _restore(self, dom: DomainDef, target: DomainDef, snap: VmSnapshot,
+                       paused: bool) -> None:
+        await qemu.quit(self.dirs, dom.name)
+        for disk in target.disks:
+            await images.snapshot_apply(disk.file, snap.disk_tag)
+        if snap.save is None:
+            return
+        await self._incoming(target, snap.save, paused)
+
+    async def _incoming(self, target: DomainDef, save: Path, paused: bool) -> None:
+        formats = await self._formats(target)
+        await qemu.start(self.dirs, target, formats, incoming=True)
+        try:
+            fd = os.open(save, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            try:
+                async with qmp.connect(qemu.Paths(self.dirs, target.name).qmp) as mon:
+                    await mon.send_fd(fd, RESTORE_FD)
+                    await mon.execute("migrate-incoming", {"uri": f"fd:{RESTORE_FD}"})
+                    await self._wait_incoming(mon)
+                    if not paused:
+                        await mon.execute("cont")
+                    self._remember_state(target.name, "paused" if paused else "running")
+            finally:
+                os.close(fd)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await qemu.quit(self.dirs, target.name)
+            raise
+
+    async def _wait_incoming(self, mon: qmp.Monitor) -> None:
+        while True:
+            status = await mon.execute("query-status")
+            if status["status"] != "inmigrate":
+                break
+            await trio.sleep(POLL)
+        info = await mon.execute("query-migrate")
+        if info.get("status") not in ("completed", None):
+            raise QemuError(f"restoring the save image failed: "
+                            f"{info.get('error-desc', info.get('status'))}")
+        if status["status"] not in ("paused", "prelaunch", "running", "postmigrate"):
+            raise QemuError(f"restored QEMU is in state {status['status']!r}")
+
+    async def _bring_back_undo(self, dom: DomainDef, undo: VmSnapshot, err: BaseException) -> None:
+        logger.error("domain %s: apply failed (%s); bringing back .undo", dom.name, err)
+        try:
+            target = parse_domain(await trio.to_thread.run_sync(
+                self._store(dom).config_path(UNDO).read_text), "undo")
+            await qemu.quit(self.dirs, dom.name)
+            for disk in target.disks:
+                await images.snapshot_apply(disk.file, undo.disk_tag)
+            if undo.save is not None:
+                await self._incoming(target, undo.save, paused=undo.state == "paused")
+        except SnapfsError as again:
+            logger.critical("domain %s: bringing back .undo failed too: %s", dom.name, again)
+            if isinstance(err, SnapfsError):
+                err.args = (f"{err}; bringing back the previous state failed too: {again}; "
+                            f"it is kept as {UNDO}",)
+            return
+        if isinstance(err, SnapfsError):
+            err.args = (f"{err}; the domain was brought back to the state it had before "
+                        f"the apply ({UNDO})",)

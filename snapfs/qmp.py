@@ -1,0 +1,149 @@
+"""The only module that touches qemu.qmp and asyncio.
+
+qemu.qmp is an asyncio library; snapfs runs on trio. The bridge is one
+dedicated asyncio event loop in a daemon thread: trio code submits coroutines
+to it and sleeps on a trio event until they finish, so no trio worker thread
+is held while QEMU works. (trio-asyncio would also do, but it needs its loop
+opened around every trio entry point, CLI and FUSE alike; the thread keeps the
+two libraries apart behind this one file. ``bench/bench_qmp.py`` measures the
+round trip.)
+"""
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
+
+from .errors import QemuError
+
+__all__ = ["Monitor", "connect"]
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_loop: asyncio.AbstractEventLoop | None = None
+_loop_lock = threading.Lock()
+
+
+def _asyncio_loop() -> asyncio.AbstractEventLoop:
+    global _loop
+    with _loop_lock:
+        if _loop is None:
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="snapfs-qmp", daemon=True).start()
+            _loop = loop
+        return _loop
+
+
+async def _bridge(make: Callable[[], Awaitable[T]]) -> T:
+    """Run ``make()`` on the asyncio thread; wait for it without blocking trio."""
+    async def wrapped() -> T:
+        return await make()
+
+    future = asyncio.run_coroutine_threadsafe(wrapped(), _asyncio_loop())
+    token = trio.lowlevel.current_trio_token()
+    done = trio.Event()
+
+    def wake(_: Any) -> None:
+        try:
+            token.run_sync_soon(done.set)
+        except trio.RunFinishedError:
+            pass
+
+    future.add_done_callback(wake)
+    try:
+        await done.wait()
+    except BaseException:
+        future.cancel()
+        raise
+    return future.result()
+
+
+class Monitor:
+    """One QMP connection to one QEMU; every QEMU failure becomes ``QemuError``."""
+
+    def __init__(self, client: QMPClient, path: Path) -> None:
+        self._client = client
+        self.path = path
+        self._events: asyncio.Queue[dict[str, Any]] | None = None
+
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        """:raise QemuError: when QEMU answers with an error or the connection fails."""
+        try:
+            return await _bridge(lambda: self._client.execute(command, arguments))
+        except ExecuteError as err:
+            raise QemuError(f"QEMU refused {command}: {err.error.error.desc}") from err
+        except (QMPError, OSError, EOFError) as err:
+            raise QemuError(f"QMP {command} on {self.path} failed: {err or type(err).__name__}") from err
+
+    async def send_fd(self, fd: int, name: str) -> None:
+        """Pass ``fd`` to QEMU over the socket and name it ``name`` (QMP ``getfd``)."""
+        async def go() -> None:
+            self._client.send_fd_scm(fd)
+            await self._client.execute("getfd", {"fdname": name})
+        try:
+            await _bridge(go)
+        except (QMPError, OSError) as err:
+            raise QemuError(f"passing a file descriptor to QEMU failed: {err}") from err
+
+    async def wait_event(self, names: set[str]) -> dict[str, Any]:
+        """The next event among ``names`` received since ``listen()``."""
+        queue = self._events
+        assert queue is not None, "call listen() first"
+
+        async def get() -> dict[str, Any]:
+            while True:
+                event = await queue.get()
+                if event["event"] in names:
+                    return event
+        return await _bridge(get)
+
+    async def listen(self) -> None:
+        """Start keeping events, so ``wait_event`` sees what happens from now on."""
+        async def go() -> None:
+            listener = EventListener()
+            self._client.register_listener(listener)
+            queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+            self._events = queue
+
+            async def pump() -> None:
+                async for event in listener:
+                    queue.put_nowait(dict(event))
+            asyncio.ensure_future(pump())
+        await _bridge(go)
+
+
+@asynccontextmanager
+async def connect(path: Path) -> AsyncIterator[Monitor]:
+    """A QMP session on the socket at ``path``.
+
+    QEMU serves one client per monitor at a time, so callers hold the domain
+    lock and keep sessions short.
+
+    :raise QemuError: when the socket is absent or QEMU does not answer.
+    """
+    client: QMPClient | None = None
+
+    async def open_() -> QMPClient:
+        c = QMPClient(path.name)
+        await c.connect(str(path))
+        return c
+
+    try:
+        client = await _bridge(open_)
+    except (QMPError, OSError) as err:
+        raise QemuError(f"cannot reach QEMU's monitor at {path}: {err}") from err
+    try:
+        yield Monitor(client, path)
+    finally:
+        with trio.CancelScope(shield=True):
+            try:
+                await _bridge(client.disconnect)
+            except (QMPError, OSError, EOFError) as err:
+                logger.debug("QMP disconnect from %s: %s", path, err)

@@ -1,0 +1,199 @@
+"""The snapshot store on disk (DESIGN §5): info files, save images, configs.
+
+    <state dir>/snapshots/<domain uuid>/snapshotdata-<name>.xl
+    <state dir>/snapshots/<domain uuid>/<name>.save
+    <state dir>/snapshots/<domain uuid>/<name>.config.toml
+    <state dir>/snapshots/<domain uuid>/current          name of the last created/applied
+
+Every file is written atomically and readable by root only: save images hold
+guest memory. The info file is the proposal's ``key="value"`` format; its first
+line is always ``snapshot_name``.
+"""
+
+import hashlib
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import Dirs, check_snapshot_name
+from .errors import ConfigError, NotFound
+from .files import atomic_write, read_text_nofollow
+
+__all__ = ["VmSnapshot", "Store", "format_info", "parse_info", "sha256_file"]
+
+logger = logging.getLogger(__name__)
+
+INFO_PREFIX, INFO_SUFFIX = "snapshotdata-", ".xl"
+UNDO = ".undo"
+_LINE = re.compile(r'([a-z_0-9]+)="((?:[^"\\]|\\.)*)"')
+
+
+@dataclass(frozen=True)
+class VmSnapshot:
+    """One VM snapshot as its info file records it (the RFC's libxl_vm_snapshot)."""
+
+    name: str
+    creation_time: int
+    save: Path | None           # None for a shut-off domain's disk-only snapshot
+    state: str                  # running | paused | shutoff, as at snapshot time
+    parent: str
+    disks: tuple[str, ...]      # devs with an internal snapshot tagged ``tag``
+    save_sha256: str = ""
+    save_size: int = 0
+    tag: str = ""               # internal disk snapshot tag; the name, except for .undo
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def disk_tag(self) -> str:
+        return self.tag or self.name
+
+
+def _quote(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _unquote(value: str) -> str:
+    return re.sub(r"\\(.)", r"\1", value)
+
+
+def format_info(snap: VmSnapshot) -> str:
+    pairs = [
+        ("snapshot_name", snap.name),
+        ("snapshot_creationtime", str(snap.creation_time)),
+        ("snapshot_save", str(snap.save) if snap.save else ""),
+        ("snapshot_state", snap.state),
+        ("snapshot_parent", snap.parent),
+        ("snapshot_disks", ",".join(snap.disks)),
+        ("snapshot_save_sha256", snap.save_sha256),
+        ("snapshot_save_size", str(snap.save_size)),
+        ("snapshot_disk_tag", snap.disk_tag),
+    ]
+    return "".join(f'{k}="{_quote(v)}"\n' for k, v in pairs)
+
+
+def parse_info(text: str, source: str) -> VmSnapshot:
+    """:raise ConfigError: when the file is malformed, naming the line or key."""
+    values: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        match = _LINE.fullmatch(line.strip())
+        if not match:
+            raise ConfigError(f"{source}:{number}: not a key=\"value\" line")
+        values[match[1]] = _unquote(match[2])
+    try:
+        name = values.pop("snapshot_name")
+        created = int(values.pop("snapshot_creationtime"))
+        save = values.pop("snapshot_save", "")
+        state = values.pop("snapshot_state", "running" if save else "shutoff")
+        if state not in ("running", "paused", "shutoff"):
+            raise ValueError(f"snapshot_state {state!r}")
+        disks = tuple(d for d in values.pop("snapshot_disks", "").split(",") if d)
+        size = int(values.pop("snapshot_save_size", "0") or 0)
+    except KeyError as err:
+        raise ConfigError(f"{source}: missing key {err.args[0]}") from None
+    except ValueError as err:
+        raise ConfigError(f"{source}: bad value: {err}") from None
+    return VmSnapshot(
+        name=name, creation_time=created, save=Path(save) if save else None, state=state,
+        parent=values.pop("snapshot_parent", ""), disks=disks,
+        save_sha256=values.pop("snapshot_save_sha256", ""), save_size=size,
+        tag=values.pop("snapshot_disk_tag", ""), extra=values,
+    )
+
+
+def sha256_file(path: Path) -> tuple[int, str]:
+    """Size and sha256 of a file, read in large blocks (blocking: call from a thread)."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(8 << 20)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            digest.update(view[:n])
+            size += n
+    return size, digest.hexdigest()
+
+
+class Store:
+    """One domain's snapshots on disk. Blocking file work: call from a thread."""
+
+    def __init__(self, dirs: Dirs, uuid: str) -> None:
+        self.dir = dirs.state / "snapshots" / uuid
+
+    def ensure(self) -> None:
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def _check(self, name: str) -> str:
+        return name if name == UNDO else check_snapshot_name(name)
+
+    def info_path(self, name: str) -> Path:
+        return self.dir / f"{INFO_PREFIX}{self._check(name)}{INFO_SUFFIX}"
+
+    def save_path(self, name: str) -> Path:
+        return self.dir / f"{self._check(name)}.save"
+
+    def config_path(self, name: str) -> Path:
+        return self.dir / f"{self._check(name)}.config.toml"
+
+    def names(self) -> list[str]:
+        """Names of the VM snapshots with an info file, in no particular order."""
+        try:
+            entries = os.listdir(self.dir)
+        except FileNotFoundError:
+            return []
+        names = [e[len(INFO_PREFIX):-len(INFO_SUFFIX)] for e in entries
+                 if e.startswith(INFO_PREFIX) and e.endswith(INFO_SUFFIX)]
+        return [n for n in names if n and (n == UNDO or not n.startswith("."))]
+
+    def exists(self, name: str) -> bool:
+        return self.info_path(name).exists()
+
+    def read(self, name: str) -> VmSnapshot:
+        """:raise NotFound: when there is no such snapshot."""
+        path = self.info_path(name)
+        try:
+            text = read_text_nofollow(path, limit=64 << 10)
+        except FileNotFoundError:
+            raise NotFound(f"no VM snapshot named {name!r}") from None
+        except (OSError, ValueError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: cannot read: {err}") from None
+        snap = parse_info(text, str(path))
+        if snap.name != name:
+            raise ConfigError(f"{path}: snapshot_name {snap.name!r} does not match the file name")
+        return snap
+
+    def list(self) -> list[VmSnapshot]:
+        """Every readable snapshot, oldest first; unreadable info files are logged and skipped."""
+        snaps = []
+        for name in self.names():
+            if name == UNDO:
+                continue
+            try:
+                snaps.append(self.read(name))
+            except (ConfigError, NotFound) as err:
+                logger.warning("skipping snapshot %r: %s", name, err)
+        return sorted(snaps, key=lambda s: (s.creation_time, s.name))
+
+    def write(self, snap: VmSnapshot, config_toml: str) -> None:
+        """Record a snapshot: config first, info file last (the info file makes it visible)."""
+        self.ensure()
+        atomic_write(self.config_path(snap.name), config_toml, mode=0o600)
+        atomic_write(self.info_path(snap.name), format_info(snap), mode=0o600)
+
+    def remove(self, name: str) -> None:
+        """Forget a snapshot: info file first, so it vanishes at once, then its data."""
+        for path in (self.info_path(name), self.save_path(name), self.config_path(name)):
+            path.unlink(missing_ok=True)
+
+    def current(self) -> str:
+        try:
+            return read_text_nofollow(self.dir / "current", limit=256).strip()
+        except (OSError, ValueError, UnicodeDecodeError):
+            return ""
+
+    def set_current(self, name: str) -> None:
+        self.ensure()
+        atomic_write(self.dir / "current", name + "\n", mode=0o600)
