@@ -259,7 +259,7 @@ class Engine:
         """One internal snapshot of every disk at one instant, all or none; returns its tag."""
         dom = self._domain(name)
         async with self._operation(name, "disk-snapshot-create"):
-            tag = check_snapshot_name(tag or _now_name())
+            tag = check_snapshot_name(_now_name() if tag is None else tag)
             await self._require_qcow2(dom)
             await self._check_tag_free(dom, tag)
             if qemu.running_pid(self.dirs, name) is None:
@@ -303,8 +303,17 @@ class Engine:
         dom = self._domain(name)
         async with self._operation(name, "disk-snapshot-delete"):
             snaps = await self._disk_snapshots(dom)
-            chosen = [s for s in snaps if (s.tag == tag if tag is not None else s.id == id)]
-            what = f"name {tag!r}" if tag is not None else f"id {id!r}"
+            if tag is None:
+                # Ids are per disk and drift apart; an id is only a way to name one tag.
+                tags = {s.tag for s in snaps if s.id == id}
+                if len(tags) > 1:
+                    raise StateError(f"id {id!r} names different snapshots on different disks "
+                                     f"({', '.join(sorted(tags))}): delete by name with -n")
+                tag = tags.pop() if tags else None
+                what = f"id {id!r}"
+            else:
+                what = f"name {tag!r}"
+            chosen = [s for s in snaps if s.tag == tag]
             if not chosen:
                 raise NotFound(f"no disk snapshot with {what} on {name!r}")
             store = self._store(dom)
@@ -365,7 +374,7 @@ class Engine:
             raise StateError(f"unknown mode {mode!r}: use live or paused")
         dom = self._domain(name)
         async with self._operation(name, "vm-snapshot-create"):
-            snapshot = check_snapshot_name(snapshot or _now_name())
+            snapshot = check_snapshot_name(_now_name() if snapshot is None else snapshot)
             store = self._store(dom)
             if await trio.to_thread.run_sync(store.exists, snapshot):
                 raise AlreadyExists(f"VM snapshot {snapshot!r} of {name!r} already exists")

@@ -90,7 +90,7 @@ class QMP:
         msg: dict[str, Any] = json.loads(line)
         return msg
 
-    def cmd(self, name: str, **args: Any) -> Any:
+    def cmd(self, name: str, /, **args: Any) -> Any:
         """Run one command and return its "return" value; raise QMPError on error."""
         if self._sock is None:
             raise QMPError("QMP session is not connected")

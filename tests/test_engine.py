@@ -1,0 +1,304 @@
+"""The RFC's commands on real QEMU, driven only through the CLI (issue 2).
+
+One running two-disk domain is shared by the module (a boot costs seconds);
+each test uses its own snapshot names.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import Env
+from qmpsync import QMP, qemu_io
+
+DOM = "web1"
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def web1(module_env: Env) -> Env:
+    module_env.define(DOM, devs=("vda", "vdb"), extra='machine = "q35"')
+    module_env.start(DOM)
+    return module_env
+
+
+def write_disk(env: Env, dev: str, offset: int, pattern: int, name: str = DOM) -> None:
+    """Have QEMU write 64 KiB of ``pattern`` at ``offset`` of a running domain's disk."""
+    with QMP(env.qmp_path(name)) as qmp:
+        qemu_io(qmp, f"{dev}/virtio-backend", f"write -P {pattern:#x} {offset} 64k", qdev=True)
+
+
+def read_image(path: Path, offset: int, size: int = 64 << 10, snapshot: str | None = None) -> bytes:
+    """Bytes of a (possibly open) qcow2 image, or of one of its internal snapshots."""
+    out = path.with_suffix(".check.raw")
+    args = ["qemu-img", "convert", "-U", "-O", "raw"]
+    if snapshot:
+        args += ["-l", f"snapshot.name={snapshot}"]
+    subprocess.run([*args, str(path), str(out)], check=True, capture_output=True)
+    try:
+        with out.open("rb") as f:
+            f.seek(offset)
+            return f.read(size)
+    finally:
+        out.unlink()
+
+
+def disk_file(env: Env, dev: str, name: str = DOM) -> Path:
+    return env.images / f"{name}-{dev}.qcow2"
+
+
+def qemu_img_tags(path: Path) -> dict[str, str]:
+    """tag -> id, as ``qemu-img snapshot -l -U`` prints them."""
+    out = subprocess.run(["qemu-img", "snapshot", "-l", "-U", str(path)], check=True,
+                         capture_output=True, text=True).stdout
+    tags = {}
+    for line in out.splitlines()[2:]:
+        fields = line.split()
+        tags[fields[1]] = fields[0]
+    return tags
+
+
+def test_counter_goes_back_to_snapshot_time(web1: Env) -> None:
+    before = web1.counter(DOM)
+    web1.snapfs("vm-snapshot-create", "-n", "count1", DOM)
+    after = web1.counter(DOM)
+    time.sleep(1.5)
+    later = web1.counter(DOM)
+    assert later > after + 50, "the guest must keep counting after a live snapshot"
+
+    web1.snapfs("vm-snapshot-apply", "-n", "count1", DOM, "--paused")
+    assert web1.run_state(DOM) == "paused"
+    restored = web1.counter(DOM)
+    assert before <= restored <= after, (before, restored, after, later)
+    time.sleep(0.5)
+    assert web1.counter(DOM) == restored, "--paused must leave the vCPUs stopped"
+
+    web1.snapfs("vm-snapshot-apply", "-n", "count1", DOM)
+    assert web1.run_state(DOM) == "running"
+    again = web1.counter(DOM)
+    assert before <= again < later, (before, again, later)
+    time.sleep(0.5)
+    assert web1.counter(DOM) > again, "the restored guest runs"
+
+
+def test_stop_and_save_mode_reverts_too(web1: Env) -> None:
+    before = web1.counter(DOM)
+    web1.snapfs("vm-snapshot-create", "-n", "paused1", "--mode", "paused", DOM)
+    after = web1.counter(DOM)
+    assert web1.run_state(DOM) == "running", "the domain is resumed after a save"
+    time.sleep(1.0)
+    web1.snapfs("vm-snapshot-apply", "-n", "paused1", DOM, "--paused")
+    assert before <= web1.counter(DOM) <= after
+
+
+def test_disk_bytes_written_after_the_snapshot_are_gone(web1: Env) -> None:
+    vdb = disk_file(web1, "vdb")
+    write_disk(web1, "vdb", 2 * MiB, 0xAA)
+    web1.snapfs("vm-snapshot-create", "-n", "bytes1", DOM)
+    write_disk(web1, "vdb", 2 * MiB, 0xBB)
+    write_disk(web1, "vdb", 3 * MiB, 0xCC)
+    web1.snapfs("disk-snapshot-create", "-n", "bytes1-later", DOM)
+    assert read_image(vdb, 2 * MiB, snapshot="bytes1-later") == b"\xbb" * (64 << 10)
+    assert read_image(vdb, 3 * MiB, snapshot="bytes1-later") == b"\xcc" * (64 << 10)
+
+    web1.snapfs("vm-snapshot-apply", "-n", "bytes1", DOM)
+    assert read_image(vdb, 2 * MiB) == b"\xaa" * (64 << 10)
+    assert read_image(vdb, 3 * MiB) == bytes(64 << 10)
+
+
+def test_two_disks_snapshot_all_or_none(web1: Env) -> None:
+    with QMP(web1.qmp_path(DOM)) as qmp:
+        qmp.cmd("blockdev-snapshot-internal-sync", device="vdb", name="dup")
+    message = web1.fails("disk-snapshot-create", "-n", "dup", DOM)
+    assert "already exists" in message and "vdb" in message
+    assert "dup" not in qemu_img_tags(disk_file(web1, "vda"))
+
+    tag = web1.snapfs("disk-snapshot-create", "-n", "both", DOM).stdout
+    assert "both" in tag
+    assert "both" in qemu_img_tags(disk_file(web1, "vda"))
+    assert "both" in qemu_img_tags(disk_file(web1, "vdb"))
+
+
+def test_lists_agree_with_qemu_img_and_info_files(web1: Env) -> None:
+    web1.snapfs("vm-snapshot-create", "-n", "list1", DOM)
+    web1.snapfs("disk-snapshot-create", "-n", "list-disk", DOM)
+    listed = json.loads(web1.snapfs("disk-snapshot-list", "--json", DOM).stdout)
+    for dev in ("vda", "vdb"):
+        mine = {s["tag"]: s["id"] for s in listed if s["dev"] == dev}
+        assert mine == qemu_img_tags(disk_file(web1, dev))
+        assert {"list1", "list-disk"} <= set(mine)
+
+    vms = json.loads(web1.snapfs("vm-snapshot-list", "--json", DOM).stdout)
+    uuid = re.search(r'uuid = "(.*)"', (web1.config / "domains" / f"{DOM}.toml").read_text())[1]
+    store = web1.state / "snapshots" / uuid
+    infos = sorted(p.name[len("snapshotdata-"):-3] for p in store.glob("snapshotdata-*.xl")
+                   if not p.name.startswith("snapshotdata-."))
+    assert sorted(v["name"] for v in vms) == infos
+    entry = next(v for v in vms if v["name"] == "list1")
+    info = (store / "snapshotdata-list1.xl").read_text()
+    assert info.startswith('snapshot_name="list1"\nsnapshot_creationtime="')
+    assert f'snapshot_save="{store}/list1.save"' in info
+    assert 'snapshot_state="running"' in info
+    assert entry["save_size"] == (store / "list1.save").stat().st_size > 0
+    assert (store / "list1.save").stat().st_mode & 0o777 == 0o400
+
+
+def test_default_name_and_parent(web1: Env) -> None:
+    web1.snapfs("vm-snapshot-create", "-n", "par1", DOM)
+    t0 = int(time.time())
+    out = web1.snapfs("vm-snapshot-create", DOM).stdout
+    name = re.search(r"VM snapshot (\S+) ", out)[1]
+    assert name.isdigit() and abs(int(name) - t0) <= 5
+    vms = {v["name"]: v for v in json.loads(web1.snapfs("vm-snapshot-list", "--json", DOM).stdout)}
+    assert vms[name]["parent"] == "par1"
+    web1.snapfs("vm-snapshot-apply", "-n", "par1", DOM)
+    web1.snapfs("vm-snapshot-create", "-n", "par2", DOM)
+    vms = {v["name"]: v for v in json.loads(web1.snapfs("vm-snapshot-list", "--json", DOM).stdout)}
+    assert vms["par2"]["parent"] == "par1"
+    web1.snapfs("vm-snapshot-delete", "-n", name, DOM)
+
+
+def test_delete_removes_disk_snapshots_and_files(web1: Env) -> None:
+    web1.snapfs("vm-snapshot-create", "-n", "del1", DOM)
+    web1.snapfs("vm-snapshot-delete", "-n", "del1", DOM)
+    for dev in ("vda", "vdb"):
+        assert "del1" not in qemu_img_tags(disk_file(web1, dev))
+    assert not list(web1.state.glob("snapshots/*/*del1*"))
+    assert "del1" not in web1.snapfs("vm-snapshot-list", DOM).stdout
+    assert "no VM snapshot named 'del1'" in web1.fails("vm-snapshot-delete", "-n", "del1", DOM)
+
+
+def test_disk_snapshot_delete_by_name_and_id(web1: Env) -> None:
+    web1.snapfs("disk-snapshot-create", "-n", "dd1", DOM)
+    web1.snapfs("disk-snapshot-delete", "-n", "dd1", DOM)
+    assert "dd1" not in qemu_img_tags(disk_file(web1, "vda"))
+    web1.snapfs("disk-snapshot-create", "-n", "dd2", DOM)
+    ident = qemu_img_tags(disk_file(web1, "vda"))["dd2"]
+    # test_two_disks_snapshot_all_or_none made one more snapshot on vdb: ids differ.
+    vdb_tags = {i: t for t, i in qemu_img_tags(disk_file(web1, "vdb")).items()}
+    if vdb_tags.get(ident, "dd2") != "dd2":
+        assert "delete by name" in web1.fails("disk-snapshot-delete", "-i", ident, DOM)
+        web1.snapfs("disk-snapshot-delete", "-n", "dd2", DOM)
+    else:
+        web1.snapfs("disk-snapshot-delete", "-i", ident, DOM)
+    assert "dd2" not in qemu_img_tags(disk_file(web1, "vda"))
+    assert "dd2" not in qemu_img_tags(disk_file(web1, "vdb"))
+    message = web1.fails("disk-snapshot-delete", "-n", "dd2", DOM)
+    assert "no disk snapshot with name 'dd2'" in message
+    assert "no disk snapshot with id '999'" in web1.fails("disk-snapshot-delete", "-i", "999", DOM)
+    web1.snapfs("vm-snapshot-create", "-n", "owned", DOM)
+    assert "belongs to VM snapshot 'owned'" in web1.fails("disk-snapshot-delete", "-n", "owned", DOM)
+
+
+def test_apply_checks_everything_before_touching_the_domain(web1: Env) -> None:
+    web1.snapfs("vm-snapshot-create", "-n", "broken", DOM)
+    uuid = re.search(r'uuid = "(.*)"', (web1.config / "domains" / f"{DOM}.toml").read_text())[1]
+    save = web1.state / "snapshots" / uuid / "broken.save"
+    pid = (web1.run / f"{DOM}.pid").read_text()
+    data = save.read_bytes()
+    save.chmod(0o600)
+    save.write_bytes(data[: len(data) // 2])
+    message = web1.fails("vm-snapshot-apply", "-n", "broken", DOM)
+    assert "truncated" in message
+    save.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    assert "sha256" in web1.fails("vm-snapshot-apply", "-n", "broken", DOM)
+    save.write_bytes(data)
+    with QMP(web1.qmp_path(DOM)) as qmp:
+        qmp.cmd("blockdev-snapshot-delete-internal-sync", device="vdb", name="broken")
+    assert "disk vdb" in web1.fails("vm-snapshot-apply", "-n", "broken", DOM)
+    assert (web1.run / f"{DOM}.pid").read_text() == pid, "QEMU must not have been restarted"
+    assert web1.run_state(DOM) == "running"
+    first = web1.counter(DOM)
+    time.sleep(0.3)
+    assert web1.counter(DOM) > first
+
+
+def test_snapshot_name_errors(web1: Env) -> None:
+    assert "empty" in web1.fails("vm-snapshot-create", "-n", "", DOM)
+    assert "starts with '.'" in web1.fails("vm-snapshot-create", "-n", ".hidden", DOM)
+    assert "control character" in web1.fails("vm-snapshot-create", "-n", "a\tb", DOM)
+    assert "65 bytes long" in web1.fails("vm-snapshot-create", "-n", "x" * 65, DOM)
+    assert "control character" in web1.fails("disk-snapshot-create", "-n", "a\nb", DOM)
+    web1.snapfs("vm-snapshot-create", "-n", "taken", DOM)
+    assert "already exists" in web1.fails("vm-snapshot-create", "-n", "taken", DOM)
+    assert "already exists" in web1.fails("disk-snapshot-create", "-n", "taken", DOM)
+    assert "no VM snapshot named 'nope'" in web1.fails("vm-snapshot-apply", "-n", "nope", DOM)
+    assert "no domain named 'ghost'" in web1.fails("vm-snapshot-list", "ghost")
+    assert "invalid domain name" in web1.fails("vm-snapshot-list", "../etc")
+    assert "already running" in web1.fails("domain", "start", DOM)
+
+
+def test_shut_off_domain_round_trip(env: Env) -> None:
+    env.define("cold", devs=("vda", "vdb"))
+    vdb = disk_file(env, "vdb", "cold")
+    subprocess.run(["qemu-io", "-c", "write -P 0x11 1M 64k", str(vdb)], check=True,
+                   capture_output=True)
+    out = env.snapfs("vm-snapshot-create", "-n", "c1", "cold").stdout
+    assert "(shutoff)" in out
+    subprocess.run(["qemu-io", "-c", "write -P 0x22 1M 64k", str(vdb)], check=True,
+                   capture_output=True)
+    listed = json.loads(env.snapfs("vm-snapshot-list", "--json", "cold").stdout)
+    assert [(v["name"], v["state"], v["save"]) for v in listed] == [("c1", "shutoff", None)]
+    env.snapfs("vm-snapshot-apply", "-n", "c1", "cold")
+    assert read_image(vdb, 1 * MiB) == b"\x11" * (64 << 10)
+    status = json.loads(env.snapfs("domain", "status", "cold", "--json").stdout)
+    assert status["state"] == "shutoff" and status["current"] == "c1"
+    env.snapfs("disk-snapshot-create", "-n", "cd1", "cold")
+    ident = qemu_img_tags(vdb)["cd1"]
+    assert qemu_img_tags(disk_file(env, "vda", "cold"))["cd1"] == ident
+    env.snapfs("disk-snapshot-delete", "-i", ident, "cold")
+    assert "cd1" not in qemu_img_tags(vdb)
+    env.snapfs("vm-snapshot-delete", "-n", "c1", "cold")
+    left = qemu_img_tags(vdb)
+    assert [t for t in left if t.startswith(".undo-")] and len(left) == 1, "only .undo is left"
+    assert "not running" in env.fails("domain", "stop", "cold")
+
+
+def test_domain_errors(env: Env) -> None:
+    toml = env.write_definition("d1")
+    env.snapfs("domain", "define", str(toml))
+    assert "already defined" in env.fails("domain", "define", str(toml))
+
+    bad = env.root / "bad.toml"
+    bad.write_text('name = "d2"\nmemory = "64M"\n')
+    assert "missing required key 'disks'" in env.fails("domain", "define", str(bad))
+    bad.write_text('name = "d2"\n[[disks]]\ndev = "vda"\nfile = "/x"\n')
+    assert "missing required key 'memory'" in env.fails("domain", "define", str(bad))
+    bad.write_text('name = "d2"\nmemory = "64M"\ncpus = "two"\n[[disks]]\ndev = "vda"\nfile = "/x"\n')
+    assert "'cpus' must be a int" in env.fails("domain", "define", str(bad))
+    bad.write_text('name = "d2"\nmemory = [')
+    assert "not valid TOML" in env.fails("domain", "define", str(bad))
+    bad.write_text(f'name = "d2"\nmemory = "64M"\n[[disks]]\ndev = "vda"\nfile = "{env.root}/none.qcow2"\n')
+    assert "does not exist" in env.fails("domain", "define", str(bad))
+    bad.write_text('name = "d2"\nmemory = "64M"\n[[disks]]\ndev = "vda"\nfile = "/a/../etc/passwd"\n')
+    assert "without '..'" in env.fails("domain", "define", str(bad))
+
+    no_kvm = {"SNAPFS_KVM_DEVICE": str(env.root / "no-kvm")}
+    kvm = env.root / "kvm.toml"
+    kvm.write_text(toml.read_text().replace('name = "d1"', 'name = "k1"')
+                   .replace('accel = "tcg"', 'accel = "kvm"'))
+    env.snapfs("domain", "define", str(kvm))
+    assert "asks for accel = \"kvm\"" in env.fails("domain", "start", "k1", env=no_kvm)
+
+    disk_file(env, "vda", "d1").rename(env.root / "moved.qcow2")
+    assert "does not exist" in env.fails("domain", "start", "d1")
+    assert "not running" in env.fails("domain", "stop", "d1")
+
+
+def test_raw_disk_runs_but_is_refused_for_snapshots(env: Env) -> None:
+    env.define("rawdom", fmt="raw")
+    assert "not qcow2" in env.fails("vm-snapshot-create", "-n", "r1", "rawdom")
+    env.start("rawdom")
+    assert "not qcow2" in env.fails("vm-snapshot-create", "-n", "r1", "rawdom")
+    assert "not qcow2" in env.fails("disk-snapshot-create", "-n", "r1", "rawdom")
+    assert env.run_state("rawdom") == "running"
+    env.snapfs("domain", "stop", "rawdom", "--force")
+    status = json.loads(env.snapfs("domain", "status", "rawdom", "--json").stdout)
+    assert status["state"] == "shutoff"
+    assert "not qcow2" in status["last_error"]
