@@ -62,6 +62,15 @@ class DomainStatus:
     last_error: str
 
 
+@dataclass(frozen=True)
+class _Saved:
+    state: str
+    size: int
+    sha256: str
+    pause_ms: float
+    mode: str
+
+
 def _now_name() -> str:
     return str(int(time.time()))
 
@@ -394,10 +403,11 @@ class Engine:
                               parent=parent, disks=disks, tag=tag)
         else:
             save = store.save_path(snapshot)
-            state, size, digest = await self._save(dom, tag, save, mode)
-            snap = VmSnapshot(name=snapshot, creation_time=created, save=save, state=state,
-                              parent=parent, disks=disks, save_sha256=digest, save_size=size,
-                              tag=tag)
+            saved = await self._save(dom, tag, save, mode)
+            snap = VmSnapshot(name=snapshot, creation_time=created, save=save, state=saved.state,
+                              parent=parent, disks=disks, save_sha256=saved.sha256,
+                              save_size=saved.size, tag=tag, mode=saved.mode,
+                              pause_ms=saved.pause_ms)
         try:
             await trio.to_thread.run_sync(store.write, snap, dom.to_toml())
             if snapshot != UNDO:
@@ -420,22 +430,27 @@ class Engine:
         finally:
             await trio.to_thread.run_sync(self._store(dom).remove, snap.name)
 
-    async def _save(self, dom: DomainDef, tag: str, save: Path, mode: str) -> tuple[str, int, str]:
-        """Disk transaction + save image of a running QEMU; returns (state, size, sha256).
+    async def _save(self, dom: DomainDef, tag: str, save: Path, mode: str) -> "_Saved":
+        """Disk transaction + save image of a running QEMU, fsynced, at ``save``.
 
-        On failure the disk snapshots are deleted, the partial image removed and
-        the domain left in the run state it had.
+        The vCPUs stop for the disk transaction; in live mode QEMU resumes them
+        as soon as the device state is captured and writes memory while the
+        guest runs (background-snapshot), else they stay stopped until memory
+        is written. On failure the disk snapshots are deleted, the partial
+        image removed and the domain left in the run state it had.
         """
         tmp = save.with_name(f".{save.name}.tmp")
         tmp.unlink(missing_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        tagged = False
         try:
             async with qmp.connect(qemu.Paths(self.dirs, dom.name).qmp) as mon:
                 state = await qemu.run_state(mon)
+                tagged = False
                 try:
-                    await self._prepare_migration(mon, live=mode == "live" and state == "running")
+                    live = await self._prepare_migration(mon, dom.name,
+                                                         mode == "live" and state == "running")
                     await mon.send_fd(fd, SAVE_FD)
+                    await mon.listen()
                     await mon.execute("stop")
                     await self._disk_transaction(mon, dom, tag)
                     tagged = True
@@ -443,33 +458,55 @@ class Engine:
                     await self._wait_migration(mon, dom.name, "vm-snapshot-create")
                     if state != "running":
                         await self._reactivate_paused(mon)
-                except BaseException:
+                    await self._resume(mon, state)
+                    pause_ms = await self._pause_ms(mon) if state == "running" else 0.0
+                    await trio.to_thread.run_sync(os.fsync, fd)
+                    size, digest = await trio.to_thread.run_sync(sha256_file, tmp)
+                except BaseException as err:
                     with trio.CancelScope(shield=True):
                         await self._undo_save(mon, dom, tag if tagged else None)
                         await self._resume(mon, state)
+                    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+                        raise NoSpace(f"no space left while writing the save image of {tag!r}; "
+                                      "partial files removed, domain left as it was") from err
                     raise
-                await self._resume(mon, state)
-            await trio.to_thread.run_sync(os.fsync, fd)
-        except BaseException as err:
-            os.close(fd)
+        except BaseException:
             tmp.unlink(missing_ok=True)
-            if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-                with trio.CancelScope(shield=True):
-                    await self._forget(dom, VmSnapshot(tag, 0, None, "", "", (), tag=tag))
-                raise NoSpace(f"no space left while writing the save image of {tag!r}; "
-                              "partial files removed, domain left as it was") from err
             raise
-        os.close(fd)
-        size, digest = await trio.to_thread.run_sync(sha256_file, tmp)
+        finally:
+            os.close(fd)
         os.chmod(tmp, 0o400)
         os.replace(tmp, save)
-        return state, size, digest
+        return _Saved(state, size, digest, pause_ms, "live" if live else "paused")
 
-    async def _prepare_migration(self, mon: qmp.Monitor, live: bool) -> None:
-        # Capabilities persist in the QEMU process: set every one we rely on, each time.
-        await mon.execute("migrate-set-capabilities", {"capabilities": [
-            {"capability": "background-snapshot", "state": live}]})
+    async def _pause_ms(self, mon: qmp.Monitor) -> float:
+        """How long the vCPUs stood still, from QEMU's STOP and RESUME event times."""
+        with trio.move_on_after(2):
+            stop = await mon.wait_event({"STOP"})
+            resume = await mon.wait_event({"RESUME"})
+            stamp = [e["timestamp"]["seconds"] + e["timestamp"]["microseconds"] / 1e6
+                     for e in (stop, resume)]
+            return round((stamp[1] - stamp[0]) * 1000, 3)
+        return -1.0
+
+    async def _prepare_migration(self, mon: qmp.Monitor, name: str, live: bool) -> bool:
+        """Set the migration up for a save; returns whether it will be live."""
+        if live:
+            try:
+                await mon.execute("migrate-set-capabilities", {"capabilities": [
+                    {"capability": "background-snapshot", "state": True}]})
+            except QemuError as err:
+                logger.warning("domain %s: background snapshot refused (%s); "
+                               "falling back to stop-and-save", name, err)
+                self.record_error(name, f"notice: background snapshot refused ({err}); "
+                                  "the snapshot was taken with the VM paused")
+                live = False
+        if not live:
+            # Capabilities persist in the QEMU process: clear what a live save set.
+            await mon.execute("migrate-set-capabilities", {"capabilities": [
+                {"capability": "background-snapshot", "state": False}]})
         await mon.execute("migrate-set-parameters", MIGRATE_PARAMETERS)
+        return live
 
     async def _wait_migration(self, mon: qmp.Monitor, name: str, operation: str) -> dict[str, Any]:
         last = 0.0

@@ -71,7 +71,7 @@ class Monitor:
     def __init__(self, client: QMPClient, path: Path) -> None:
         self._client = client
         self.path = path
-        self._events: asyncio.Queue[dict[str, Any]] | None = None
+        self._listener: EventListener | None = None
 
     async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         """:raise QemuError: when QEMU answers with an error or the connection fails."""
@@ -92,31 +92,24 @@ class Monitor:
         except (QMPError, OSError) as err:
             raise QemuError(f"passing a file descriptor to QEMU failed: {err}") from err
 
-    async def wait_event(self, names: set[str]) -> dict[str, Any]:
-        """The next event among ``names`` received since ``listen()``."""
-        queue = self._events
-        assert queue is not None, "call listen() first"
-
-        async def get() -> dict[str, Any]:
-            while True:
-                event = await queue.get()
-                if event["event"] in names:
-                    return event
-        return await _bridge(get)
-
     async def listen(self) -> None:
         """Start keeping events, so ``wait_event`` sees what happens from now on."""
         async def go() -> None:
-            listener = EventListener()
-            self._client.register_listener(listener)
-            queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-            self._events = queue
-
-            async def pump() -> None:
-                async for event in listener:
-                    queue.put_nowait(dict(event))
-            asyncio.ensure_future(pump())
+            self._listener = EventListener()
+            self._client.register_listener(self._listener)
         await _bridge(go)
+
+    async def wait_event(self, names: set[str]) -> dict[str, Any]:
+        """The next event among ``names`` received since ``listen()``."""
+        listener = self._listener
+        assert listener is not None, "call listen() first"
+
+        async def get() -> dict[str, Any]:
+            while True:
+                event = await listener.get()
+                if event["event"] in names:
+                    return dict(event)
+        return await _bridge(get)
 
 
 @asynccontextmanager

@@ -43,6 +43,8 @@ class VmSnapshot:
     save_sha256: str = ""
     save_size: int = 0
     tag: str = ""               # internal disk snapshot tag; the name, except for .undo
+    mode: str = ""              # live | paused: how memory was saved
+    pause_ms: float = 0.0       # how long the vCPUs stood still, from QEMU's events
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -69,6 +71,8 @@ def format_info(snap: VmSnapshot) -> str:
         ("snapshot_save_sha256", snap.save_sha256),
         ("snapshot_save_size", str(snap.save_size)),
         ("snapshot_disk_tag", snap.disk_tag),
+        ("snapshot_mode", snap.mode),
+        ("snapshot_pause_ms", str(snap.pause_ms)),
     ]
     return "".join(f'{k}="{_quote(v)}"\n' for k, v in pairs)
 
@@ -92,6 +96,7 @@ def parse_info(text: str, source: str) -> VmSnapshot:
             raise ValueError(f"snapshot_state {state!r}")
         disks = tuple(d for d in values.pop("snapshot_disks", "").split(",") if d)
         size = int(values.pop("snapshot_save_size", "0") or 0)
+        pause_ms = float(values.pop("snapshot_pause_ms", "0") or 0)
     except KeyError as err:
         raise ConfigError(f"{source}: missing key {err.args[0]}") from None
     except ValueError as err:
@@ -100,7 +105,8 @@ def parse_info(text: str, source: str) -> VmSnapshot:
         name=name, creation_time=created, save=Path(save) if save else None, state=state,
         parent=values.pop("snapshot_parent", ""), disks=disks,
         save_sha256=values.pop("snapshot_save_sha256", ""), save_size=size,
-        tag=values.pop("snapshot_disk_tag", ""), extra=values,
+        tag=values.pop("snapshot_disk_tag", ""), mode=values.pop("snapshot_mode", ""),
+        pause_ms=pause_ms, extra=values,
     )
 
 
