@@ -1,0 +1,149 @@
+"""``snapfs mount``: the tree's life from mount to unmount.
+
+    pyfuse3.init (mount; errors reach the caller's terminal)
+      -> daemonize unless --foreground (log to <run dir>/mount.log)
+      -> trio.run: READY=1 to $NOTIFY_SOCKET, serve until unmounted or signalled
+      -> SIGTERM/SIGINT/SIGHUP: pyfuse3.terminate(); requests in progress finish
+      -> pyfuse3.close(unmount=True)
+
+A crash leaves the mount in place (``close(unmount=False)``), as borg does: an
+empty directory where snapshots were could make a mirroring tool delete its
+copies; ``fusermount3 -u`` clears the dead mount.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import signal
+import socket
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from ..config import Dirs
+from ..engine import Engine
+from ..errors import NotFound, SnapfsError
+from .fs import Operations
+from .model import Tree
+
+__all__ = ["mount", "notify"]
+
+logger = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def notify(message: str) -> None:
+    """Tell systemd ``message`` (``READY=1``...) when it started us with Type=notify."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # abstract socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError as err:
+        logger.warning("cannot notify systemd at %s: %s", address, err)
+
+
+def _options(allow_other: bool) -> set[str]:
+    # default_permissions always: the kernel checks modes (save 0400, apply 0200),
+    # so with allow_other other users can browse but not read memory or revert.
+    options = set(pyfuse3.default_options) | {"default_permissions", "fsname=snapfs",
+                                              "subtype=snapfs", "noatime"}
+    if allow_other:
+        options.add("allow_other")
+    return options
+
+
+def _check_mountpoint(mountpoint: Path) -> None:
+    try:
+        if not mountpoint.is_dir():
+            raise NotFound(f"mount point {mountpoint} is not a directory")
+    except OSError as err:
+        raise SnapfsError(f"mount point {mountpoint}: {err.strerror} (a dead mount? "
+                          f"`fusermount3 -u {mountpoint}` clears it)") from None
+    if os.path.ismount(mountpoint):
+        raise SnapfsError(f"{mountpoint} is already a mount point")
+
+
+def _daemonize(log: Path) -> None:
+    """Detach from the terminal; stdout and stderr (faulthandler too) go to ``log``."""
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    os.chdir("/")
+    null = os.open(os.devnull, os.O_RDWR)
+    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    os.dup2(null, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.close(null)
+    os.close(out)
+
+
+def mount(dirs: Dirs, mountpoint: Path, *, foreground: bool = False,
+          allow_other: bool = False) -> int:
+    """Mount the tree at ``mountpoint`` and serve it until it is unmounted.
+
+    Without ``foreground`` this returns in the caller once the tree is mounted,
+    and a detached process serves it. :raise SnapfsError: when it cannot mount.
+    """
+    mountpoint = mountpoint.absolute()
+    _check_mountpoint(mountpoint)
+    dirs.ensure()
+    operations = Operations(Tree(Engine(dirs)))
+    try:
+        pyfuse3.init(operations, str(mountpoint), _options(allow_other))
+    except RuntimeError as err:
+        raise SnapfsError(f"cannot mount on {mountpoint}: {err} (see the fuse message above)") \
+            from None
+    if not foreground:
+        # No thread may run before the fork: the engine starts its QMP thread lazily.
+        _daemonize(dirs.run / "mount.log")
+    faulthandler.enable()
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    logger.info("snapfs mounted on %s (pid %d)", mountpoint, os.getpid())
+    try:
+        trio.run(_serve, operations, str(mountpoint))
+    except BaseException:
+        logger.critical("the tree on %s crashed; it stays mounted but dead: "
+                        "`fusermount3 -u %s` clears it", mountpoint, mountpoint, exc_info=True)
+        pyfuse3.close(unmount=False)
+        return 1
+    pyfuse3.close(unmount=True)
+    logger.info("snapfs unmounted from %s", mountpoint)
+    return 0
+
+
+async def _serve(operations: Operations, mountpoint: str) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_stop_on_signal, mountpoint)
+        notify(f"READY=1\nSTATUS=serving {mountpoint}")
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+async def _stop_on_signal(mountpoint: str, task_status: trio.TaskStatus[None]) -> None:
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        task_status.started()
+        stopping = False
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if stopping:
+                logger.warning("%s again: still finishing the requests in progress", name)
+                continue
+            stopping = True
+            logger.info("%s: unmounting %s", name, mountpoint)
+            notify("STOPPING=1")
+            # Ends pyfuse3.main() once the requests in progress (a mkdir that
+            # is saving memory, say) have answered.
+            pyfuse3.terminate()
+
