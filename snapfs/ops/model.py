@@ -579,7 +579,7 @@ class Tree:
         return err
 
     def _refused(self, path: TreePath, action: str, why: str) -> SnapfsError:
-        err = ReadOnly(f"{action} {'/'.join(path) or '/'}: {why}")
+        err = ReadOnly(f"{action} {'/'.join(path) or '/'}: read-only ({why})")
         if path and path[0] in self.engine.domain_names():
             self.engine.record_error(path[0], str(err))
         return err

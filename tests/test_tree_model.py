@@ -1,0 +1,445 @@
+"""The tree's handlers, called directly (no mount): names, attributes, verbs, errnos.
+
+Domains here stay shut off, so a snapshot is a qemu-img call and no guest
+boots; ``test_tree_mount.py`` does the same through a real mount with running
+guests. Every test fails if snapfs logs an error it did not expect.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import pyfuse3
+import pytest
+import trio
+
+from conftest import Env
+from snapfs.config import Dirs
+from snapfs.engine import Engine
+from snapfs.ops import model
+from snapfs.ops.fs import Inodes, Operations
+from snapfs.ops.model import Tree
+
+ROOT = pyfuse3.ROOT_INODE
+DOM = "m1"
+
+
+@pytest.fixture(scope="module")
+def domains(module_env: Env) -> Env:
+    module_env.define(DOM, devs=("vda", "vdb"))
+    module_env.define("mraw", fmt="raw")
+    return module_env
+
+
+@pytest.fixture
+def ops(domains: Env) -> Operations:
+    return Operations(Tree(Engine(Dirs(domains.config, domains.state, domains.run))))
+
+
+@pytest.fixture
+def allow_errors() -> None:
+    """A test that requests this may log errors (it provokes them)."""
+
+
+@pytest.fixture(autouse=True)
+def no_unexpected_errors(caplog: pytest.LogCaptureFixture,
+                         request: pytest.FixtureRequest) -> Iterator[None]:
+    caplog.set_level(logging.DEBUG, logger="snapfs")
+    yield
+    if "allow_errors" not in request.fixturenames:
+        errors = [r for r in caplog.get_records("call") if r.levelno >= logging.ERROR]
+        assert not errors, [r.getMessage() for r in errors]
+
+
+class Listing:
+    """Stands in for the kernel's readdirplus buffer: room for ``room`` entries."""
+
+    def __init__(self, room: int = 1000) -> None:
+        self.room = room
+        self.entries: list[tuple[bytes, Any, int]] = []
+
+    def reply(self, token: Any, name: bytes, attr: Any, next_id: int) -> bool:
+        if len(self.entries) >= self.room:
+            return False
+        self.entries.append((name, attr, next_id))
+        return True
+
+
+async def walk(ops: Operations, path: str) -> Any:
+    """Lookup each name of ``path`` in turn, as the kernel does; the last entry."""
+    attr = await ops.getattr(ROOT)
+    for name in filter(None, path.split("/")):
+        attr = await ops.lookup(attr.st_ino, name.encode())
+    return attr
+
+
+async def listdir(ops: Operations, path: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    listing = Listing()
+    monkeypatch.setattr(pyfuse3, "readdir_reply", listing.reply)
+    fh = await ops.opendir((await walk(ops, path)).st_ino)
+    await ops.readdir(fh, 0, None)
+    await ops.releasedir(fh)
+    return {name.decode(): attr for name, attr, _ in listing.entries}
+
+
+async def read_file(ops: Operations, path: str, flags: int = os.O_RDONLY) -> bytes:
+    info = await ops.open((await walk(ops, path)).st_ino, flags)
+    try:
+        chunks = []
+        while chunk := await ops.read(info.fh, sum(map(len, chunks)), 7):
+            chunks.append(chunk)  # small reads: offsets must be honoured
+        return b"".join(chunks)
+    finally:
+        await ops.release(info.fh)
+
+
+async def fails(errnum: int, call: Any) -> None:
+    with pytest.raises(pyfuse3.FUSEError) as caught:
+        await call
+    assert caught.value.errno == errnum, (errno.errorcode[caught.value.errno],
+                                         errno.errorcode[errnum])
+
+
+async def status(ops: Operations, dom: str = DOM) -> dict[str, str]:
+    text = (await read_file(ops, f"{dom}/.status")).decode()
+    return dict(line.split(": ", 1) for line in text.splitlines())
+
+
+async def mkdir(ops: Operations, parent: str, name: str) -> Any:
+    return await ops.mkdir((await walk(ops, parent)).st_ino, name.encode(), 0o755, None)
+
+
+async def rmdir(ops: Operations, parent: str, name: str) -> None:
+    await ops.rmdir((await walk(ops, parent)).st_ino, name.encode(), None)
+
+
+# -- the shape of the tree ---------------------------------------------------
+
+
+async def test_a_snapshot_directory_holds_its_files_with_honest_attributes(
+        ops: Operations, domains: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = await listdir(ops, "", monkeypatch)
+    assert {DOM, "mraw"} <= set(root)
+    before = await listdir(ops, DOM, monkeypatch)
+    assert {".status", ".disk"} <= set(before)
+    assert all(not n.startswith(".") or n in (".status", ".disk", ".current", ".undo")
+               for n in before)
+
+    entry = await mkdir(ops, DOM, "shape")
+    try:
+        snap = (await ops.tree.engine.vm_snapshot_info(DOM, "shape"))
+        assert stat.S_ISDIR(entry.st_mode) and stat.S_IMODE(entry.st_mode) == 0o555
+        assert entry.st_mtime_ns == snap.creation_time * 10**9
+        files = await listdir(ops, f"{DOM}/shape", monkeypatch)
+        # Shut off: a disk-only snapshot, so no save image.
+        assert list(files) == ["snapshotdata.xl", "info.json", "config.toml", "apply"]
+        for name, attr in files.items():
+            mode = stat.S_IMODE(attr.st_mode)
+            assert stat.S_ISREG(attr.st_mode) and attr.st_nlink == 1
+            assert mode == (0o200 if name == "apply" else 0o444), name
+            assert attr.st_mtime_ns == snap.creation_time * 10**9
+            data = await read_file(ops, f"{DOM}/shape/{name}")
+            assert attr.st_size == len(data), name
+            assert attr.st_blocks == (len(data) + 511) // 512
+        xl = await read_file(ops, f"{DOM}/shape/snapshotdata.xl")
+        assert xl.startswith(b'snapshot_name="shape"\n')
+        assert b'snapshot_disks="vda,vdb"' in xl
+        config = await read_file(ops, f"{DOM}/shape/config.toml")
+        assert config == ops.tree.engine.snapshot_config_path(DOM, "shape").read_bytes()
+        info = (await read_file(ops, f"{DOM}/shape/info.json")).decode()
+        assert '"name": "shape"' in info and '"dev": "vdb"' in info
+        assert await read_file(ops, f"{DOM}/shape/apply") == b""
+
+        dom = await walk(ops, DOM)
+        after = await listdir(ops, DOM, monkeypatch)
+        subdirs = [n for n, a in after.items() if stat.S_ISDIR(a.st_mode)]
+        assert dom.st_nlink == 2 + len(subdirs)
+        assert stat.S_IMODE(dom.st_mode) == 0o755
+        assert os.fsdecode(await ops.readlink(after[".current"].st_ino)) == "shape"
+        assert stat.S_ISLNK(after[".current"].st_mode)
+        assert (await status(ops))["current"] == "shape"
+    finally:
+        await rmdir(ops, DOM, "shape")
+    await fails(errno.ENOENT, walk(ops, f"{DOM}/shape"))
+
+
+async def test_names_that_are_not_there_are_enoent(ops: Operations) -> None:
+    await fails(errno.ENOENT, walk(ops, "nosuchdomain"))
+    await fails(errno.ENOENT, walk(ops, f"{DOM}/nosuchsnapshot"))
+    await fails(errno.ENOENT, walk(ops, f"{DOM}/.nothing"))
+    await fails(errno.ENOENT, walk(ops, f"{DOM}/.disk/nosuchtag"))
+    await fails(errno.ENOENT, ops.lookup(ROOT, b"\xff\xfe", None))
+    await fails(errno.ENOENT, ops.lookup((await walk(ops, DOM)).st_ino, b"x" * 300, None))
+    await fails(errno.ENOENT, ops.getattr(999_999, None))
+
+
+# -- verbs and their errnos -------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, errnum", [
+    (b".hidden", errno.EINVAL),
+    (b"a\x01b", errno.EINVAL),
+    (b"tab\there", errno.EINVAL),
+    (b"\xff\xfe", errno.EINVAL),
+    (b"x" * 65, errno.ENAMETOOLONG),
+    (b"x" * 1024, errno.ENAMETOOLONG),
+    ("é".encode() * 33, errno.ENAMETOOLONG),   # 33 characters, 66 bytes
+])
+async def test_bad_snapshot_names_are_refused_and_reported(
+        ops: Operations, name: bytes, errnum: int) -> None:
+    for parent in (DOM, f"{DOM}/.disk"):
+        await fails(errnum, ops.mkdir((await walk(ops, parent)).st_ino, name, 0o755, None))
+        assert "mkdir" in (await status(ops))["last_error"]
+
+
+async def test_a_64_byte_name_is_fine_and_a_taken_one_is_eexist(ops: Operations) -> None:
+    name = "x" * 64
+    await mkdir(ops, DOM, name)
+    try:
+        await fails(errno.EEXIST, mkdir(ops, DOM, name))
+        assert "already exists" in (await status(ops))["last_error"]
+    finally:
+        await rmdir(ops, DOM, name)
+
+
+async def test_a_disk_that_is_not_qcow2_is_eopnotsupp(ops: Operations) -> None:
+    await fails(errno.EOPNOTSUPP, mkdir(ops, "mraw", "s"))
+    assert "not qcow2" in (await status(ops, "mraw"))["last_error"]
+
+
+async def test_every_other_change_is_erofs(ops: Operations) -> None:
+    await mkdir(ops, DOM, "ro")
+    try:
+        dom = (await walk(ops, DOM)).st_ino
+        snap = (await walk(ops, f"{DOM}/ro")).st_ino
+        info = (await walk(ops, f"{DOM}/ro/info.json")).st_ino
+        fields = SimpleNamespace(update_mode=True, update_uid=False, update_gid=False,
+                                 update_size=False, update_atime=False, update_mtime=False)
+        attr = SimpleNamespace(st_mode=0o777, st_size=0)
+        refused = [
+            ops.create(snap, b"new", 0o644, os.O_WRONLY, None),
+            ops.create(dom, b"new", 0o644, os.O_WRONLY, None),
+            ops.mknod(snap, b"fifo", stat.S_IFIFO | 0o644, 0, None),
+            ops.symlink(dom, b"link", b"ro", None),
+            ops.link(info, snap, b"hard", None),
+            ops.unlink(snap, b"info.json", None),
+            ops.unlink(dom, b".status", None),
+            ops.rename(dom, b"ro", dom, b"renamed", 0, None),
+            ops.rename(snap, b"info.json", snap, b"x.json", 0, None),
+            ops.setattr(info, attr, fields, None, None),
+            ops.setattr(info, SimpleNamespace(st_size=3), SimpleNamespace(
+                **{**vars(fields), "update_mode": False, "update_size": True}), None, None),
+            ops.setattr(info, attr, SimpleNamespace(
+                **{**vars(fields), "update_mode": False, "update_size": True}), None, None),
+            ops.open(info, os.O_WRONLY, None),
+            ops.open(info, os.O_RDONLY | os.O_TRUNC, None),
+            ops.mkdir(snap, b"sub", 0o755, None),
+            ops.mkdir(ROOT, b"newdomain", 0o755, None),
+            ops.rmdir(dom, b".disk", None),
+        ]
+        for call in refused:
+            await fails(errno.EROFS, call)
+        assert "rmdir m1/.disk: read-only" in (await status(ops))["last_error"]
+        # Truncating apply is what `echo running > apply` may ask first: allowed.
+        apply = (await walk(ops, f"{DOM}/ro/apply")).st_ino
+        await ops.setattr(apply, attr, SimpleNamespace(
+            **{**vars(fields), "update_mode": False, "update_size": True}), None, None)
+    finally:
+        await rmdir(ops, DOM, "ro")
+
+
+async def test_rmdir_waits_for_open_files_then_is_ebusy(
+        ops: Operations, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(model, "RELEASE_GRACE", 0.2)
+    await mkdir(ops, DOM, "busy")
+    info = await ops.open((await walk(ops, f"{DOM}/busy/info.json")).st_ino, os.O_RDONLY, None)
+    await fails(errno.EBUSY, rmdir(ops, DOM, "busy"))
+    assert "open" in (await status(ops))["last_error"]
+    assert await ops.tree.engine.vm_snapshot_info(DOM, "busy")
+
+    # A release that arrives while rmdir waits (close() returns before RELEASE) lets it through.
+    async def release_soon() -> None:
+        await trio.sleep(0.05)
+        await ops.release(info.fh)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(release_soon)
+        await rmdir(ops, DOM, "busy")
+    await fails(errno.ENOENT, walk(ops, f"{DOM}/busy"))
+
+
+async def test_unknown_snapshot_rmdir_is_enoent(ops: Operations) -> None:
+    await fails(errno.ENOENT, rmdir(ops, DOM, "nosuch"))
+
+
+async def test_disk_snapshots_in_dot_disk(ops: Operations,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    await mkdir(ops, f"{DOM}/.disk", "t1")
+    try:
+        tags = await listdir(ops, f"{DOM}/.disk", monkeypatch)
+        assert "t1" in tags and stat.S_ISDIR(tags["t1"].st_mode)
+        assert list(await listdir(ops, f"{DOM}/.disk/t1", monkeypatch)) == ["info"]
+        lines = (await read_file(ops, f"{DOM}/.disk/t1/info")).decode().splitlines()
+        assert lines[0].split() == ["DISK", "ID", "TAG", "VM", "SIZE", "DATE", "VM", "CLOCK"]
+        assert [line.split()[0] for line in lines[1:]] == ["vda", "vdb"]
+        assert all(line.split()[2] == "t1" for line in lines[1:])
+        await fails(errno.EEXIST, mkdir(ops, f"{DOM}/.disk", "t1"))
+    finally:
+        await rmdir(ops, f"{DOM}/.disk", "t1")
+    await fails(errno.ENOENT, walk(ops, f"{DOM}/.disk/t1"))
+
+    # A VM snapshot's disk snapshot goes with the VM snapshot only.
+    await mkdir(ops, DOM, "owned")
+    try:
+        assert "owned" in await listdir(ops, f"{DOM}/.disk", monkeypatch)
+        await fails(errno.EBUSY, rmdir(ops, f"{DOM}/.disk", "owned"))
+    finally:
+        await rmdir(ops, DOM, "owned")
+
+
+async def test_apply_reverts_and_keeps_undo(ops: Operations,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    await mkdir(ops, DOM, "base")
+    try:
+        apply = await ops.open((await walk(ops, f"{DOM}/base/apply")).st_ino,
+                               os.O_WRONLY | os.O_TRUNC, None)
+        try:
+            await fails(errno.EINVAL, ops.write(apply.fh, 0, b"sideways\n"))
+            assert "is not 'running' or 'paused'" in (await status(ops))["last_error"]
+            assert await ops.write(apply.fh, 0, b"\n") == 1
+        finally:
+            await ops.release(apply.fh)
+        entries = await listdir(ops, DOM, monkeypatch)
+        assert ".undo" in entries and stat.S_ISDIR(entries[".undo"].st_mode)
+        undo = await listdir(ops, f"{DOM}/.undo", monkeypatch)
+        assert "apply" in undo
+        assert (await read_file(ops, f"{DOM}/.undo/snapshotdata.xl")).startswith(
+            b'snapshot_name=".undo"')
+        await fails(errno.EROFS, rmdir(ops, DOM, ".undo"))
+        assert (await status(ops))["current"] == "base"
+    finally:
+        await rmdir(ops, DOM, "base")
+
+
+async def test_status_is_never_cached_and_immutable_files_are(ops: Operations) -> None:
+    await mkdir(ops, DOM, "cache")
+    try:
+        status_ino = (await walk(ops, f"{DOM}/.status")).st_ino
+        first = await ops.open(status_ino, os.O_RDONLY, None)
+        assert first.direct_io and not first.keep_cache
+        await ops.release(first.fh)
+        assert (await ops.getattr(status_ino, None)).attr_timeout == 0
+
+        info = (await walk(ops, f"{DOM}/cache/info.json")).st_ino
+        opens = [await ops.open(info, os.O_RDONLY, None) for _ in range(2)]
+        assert [o.keep_cache for o in opens] == [False, True]
+        assert not any(o.direct_io for o in opens)
+        for o in opens:
+            await ops.release(o.fh)
+    finally:
+        await rmdir(ops, DOM, "cache")
+
+
+async def test_changes_made_by_the_cli_show_at_once(ops: Operations, domains: Env) -> None:
+    await walk(ops, DOM)
+    domains.snapfs("vm-snapshot-create", "-n", "fromcli", DOM)
+    assert (await walk(ops, f"{DOM}/fromcli")).st_mode & stat.S_IFDIR
+    domains.snapfs("vm-snapshot-delete", "-n", "fromcli", DOM)
+    await fails(errno.ENOENT, walk(ops, f"{DOM}/fromcli"))
+
+
+# -- bookkeeping -------------------------------------------------------------------
+
+
+async def test_lookup_counts_follow_lookup_readdir_and_forget(
+        ops: Operations, monkeypatch: pytest.MonkeyPatch) -> None:
+    dom = await ops.lookup(ROOT, DOM.encode(), None)
+    await ops.lookup(ROOT, DOM.encode(), None)
+    assert ops.inodes.count(dom.st_ino) == 2
+
+    listing = Listing(room=1)   # the kernel's buffer is full after one entry
+    monkeypatch.setattr(pyfuse3, "readdir_reply", listing.reply)
+    fh = await ops.opendir(dom.st_ino, None)
+    await ops.readdir(fh, 0, None)
+    (name, attr, next_id), = listing.entries
+    assert ops.inodes.count(attr.st_ino) == 1
+    size_before = len(ops.inodes)
+    listing.room = 2
+    await ops.readdir(fh, next_id, None)   # resumes after the first entry
+    assert listing.entries[1][0] != name
+    assert len(ops.inodes) == size_before + 1   # the entry refused for room was not kept
+    await ops.releasedir(fh)
+
+    await ops.forget([(dom.st_ino, 2), (attr.st_ino, 1)])
+    assert ops.inodes.count(dom.st_ino) == 0
+    await fails(errno.ENOENT, ops.getattr(attr.st_ino, None))
+    # forget never raises, whatever it is told.
+    await ops.forget([(123456, 1), (dom.st_ino, 5), (ROOT, 1)])
+    assert (await ops.getattr(ROOT, None)).st_ino == ROOT
+
+
+def test_inodes_keep_a_number_while_the_kernel_holds_it() -> None:
+    inodes = Inodes()
+    a = inodes.inode(("d", "a"))
+    assert inodes.inode(("d", "a")) == a and inodes.path(a) == ("d", "a")
+    inodes.remember(a)
+    inodes.remember(a)
+    inodes.forget(a, 1)
+    assert inodes.path(a) == ("d", "a")
+    inodes.forget(a, 1)
+    with pytest.raises(Exception):
+        inodes.path(a)
+    assert inodes.inode(("d", "a")) != a   # a new life, a new number
+
+
+async def test_an_unexpected_exception_is_eio_and_logged(
+        ops: Operations, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, allow_errors: None) -> None:
+    async def broken(path: Any) -> Any:
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(ops.tree, "get", broken)
+    await fails(errno.EIO, ops.getattr(ROOT, None))
+    await fails(errno.EIO, ops.lookup(ROOT, b"x", None))
+    logged = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert logged and "a bug" in (logged[0].exc_text or "")
+
+
+async def test_statfs_and_xattrs_answer(ops: Operations, domains: Env) -> None:
+    st = await ops.statfs(None)
+    real = os.statvfs(domains.state)
+    assert st.f_blocks == real.f_blocks and st.f_bsize == real.f_bsize
+    assert st.f_namemax == 64
+    dom = (await walk(ops, DOM)).st_ino
+    await fails(pyfuse3.ENOATTR, ops.getxattr(dom, b"user.x", None))
+    assert await ops.listxattr(dom, None) == []
+    await fails(errno.ENOTSUP, ops.setxattr(dom, b"user.x", b"1", None))
+    await fails(pyfuse3.ENOATTR, ops.removexattr(dom, b"user.x", None))
+
+
+def test_render_status_names_every_field() -> None:
+    from snapfs.engine import DomainStatus, Progress
+    text = model.render_status(DomainStatus("d", "running", "s1", Progress(
+        "vm-snapshot-create", done=50, total=200, pid=7, started=0.0), "oops"))
+    lines = dict(line.split(": ", 1) for line in text.splitlines())
+    assert lines["state"] == "running" and lines["current"] == "s1"
+    assert lines["operation"].startswith("vm-snapshot-create 25% (50 of 200 bytes)")
+    assert lines["last_error"] == "oops"
+    idle = model.render_status(DomainStatus("d", "shutoff", "", None, ""))
+    assert "operation: -\n" in idle and "current: -\n" in idle
+
+
+def test_shapes() -> None:
+    K = model.Kind
+    assert model._shape(()) is K.ROOT
+    assert model._shape(("d", ".undo")) is K.SNAPSHOT
+    assert model._shape(("d", ".undo", "save")) is K.SAVE
+    assert model._shape(("d", ".other")) is None
+    assert model._shape(("d", ".disk", "t", "info")) is K.DISK_INFO
+    assert model._shape(("d", ".disk", "t", "save")) is None
+    assert model._shape(("d", "s", "save", "x")) is None
+    assert model._shape(("d", ".status", "x")) is None
