@@ -29,7 +29,8 @@ from .errors import AlreadyExists, Busy, ConfigError, NoSpace, NotFound, NotSupp
     QemuError, SnapfsError, StateError
 from .files import atomic_write
 from .images import DiskSnapshot
-from .store import UNDO, Store, VmSnapshot, sha256_file
+from .journal import Entry, Journal
+from .store import UNDO, UNDO_NEXT, Store, VmSnapshot, sha256_file
 
 __all__ = ["Engine", "DomainStatus", "Progress"]
 
@@ -108,8 +109,11 @@ class Engine:
             logger.debug("cannot record progress of %s: %s", name, err)
 
     @asynccontextmanager
-    async def _operation(self, name: str, operation: str) -> AsyncIterator[None]:
-        """Hold the domain's lock for ``operation``; record its failure as last_error."""
+    async def _operation(self, name: str, operation: str) -> AsyncIterator[Journal]:
+        """Hold the domain's lock for ``operation``; record its failure as last_error.
+
+        A journal left by a process that died mid-operation is recovered first.
+        """
         self.dirs.ensure()
         local = self._local_locks.setdefault(name, trio.Lock())
         try:
@@ -123,16 +127,28 @@ class Engine:
                             break
                         except BlockingIOError:
                             await trio.sleep(0.02)
+                    journal = Journal(self.dirs, name)
+                    entry = journal.read()
+                    if entry is not None:
+                        await self._recover(name, entry)
+                        journal.end()
                     self._progress(name, Progress(operation, pid=os.getpid(), started=time.time()))
                     try:
-                        yield
+                        yield journal
                     finally:
+                        journal.end()
                         self._op_path(name).unlink(missing_ok=True)
                 finally:
                     os.close(fd)
         except SnapfsError as err:
             self.record_error(name, f"{operation}: {err}")
             raise
+
+    async def recover(self, name: str) -> None:
+        """Finish or roll back an operation a dead process left in the journal, if any."""
+        if Journal(self.dirs, name).pending() and self._read_progress(name) is None:
+            async with self._operation(name, "recovery"):
+                pass
 
     def _domain(self, name: str) -> DomainDef:
         try:
@@ -186,6 +202,7 @@ class Engine:
         state is the one that operation last recorded.
         """
         dom = self._domain(name)
+        await self.recover(name)
         op = self._read_progress(name)
         state = "shutoff"
         if qemu.running_pid(self.dirs, name) is not None:
@@ -267,10 +284,12 @@ class Engine:
     async def disk_snapshot_create(self, name: str, tag: str | None = None) -> str:
         """One internal snapshot of every disk at one instant, all or none; returns its tag."""
         dom = self._domain(name)
-        async with self._operation(name, "disk-snapshot-create"):
+        async with self._operation(name, "disk-snapshot-create") as journal:
             tag = check_snapshot_name(_now_name() if tag is None else tag)
             await self._require_qcow2(dom)
             await self._check_tag_free(dom, tag)
+            journal.begin("disk-snapshot-create", tag=tag)
+            journal.step("snapshot")
             if qemu.running_pid(self.dirs, name) is None:
                 await self._offline_disk_snapshot(dom, tag)
             else:
@@ -310,7 +329,7 @@ class Engine:
                                    tag: str | None = None) -> None:
         """Delete a disk snapshot by tag, or by id on each disk that has it."""
         dom = self._domain(name)
-        async with self._operation(name, "disk-snapshot-delete"):
+        async with self._operation(name, "disk-snapshot-delete") as journal:
             snaps = await self._disk_snapshots(dom)
             if tag is None:
                 # Ids are per disk and drift apart; an id is only a way to name one tag.
@@ -332,10 +351,9 @@ class Engine:
                     raise Busy(f"disk snapshot {snap!r} belongs to VM snapshot {owner!r}; "
                                "delete it with vm-snapshot-delete")
             self._refuse_exported(dom, {s.tag for s in chosen})
-            running = qemu.running_pid(self.dirs, name) is not None
-            async with self._maybe_monitor(dom, running) as mon:
-                for snap in chosen:
-                    await self._delete_disk_tag(dom, snap.tag, mon, only={snap.dev})
+            journal.begin("disk-snapshot-delete", tag=tag)
+            journal.step("delete")
+            await self._delete_tag_where_present(dom, tag)
 
     @staticmethod
     def _vm_snapshot_of_tag(store: Store, tag: str) -> str:
@@ -367,6 +385,7 @@ class Engine:
 
     async def vm_snapshot_list(self, name: str) -> list[VmSnapshot]:
         dom = self._domain(name)
+        await self.recover(name)
         return await trio.to_thread.run_sync(self._store(dom).list)
 
     async def vm_snapshot_info(self, name: str, snapshot: str) -> VmSnapshot:
@@ -382,34 +401,46 @@ class Engine:
         if mode not in MODES:
             raise StateError(f"unknown mode {mode!r}: use live or paused")
         dom = self._domain(name)
-        async with self._operation(name, "vm-snapshot-create"):
+        async with self._operation(name, "vm-snapshot-create") as journal:
             snapshot = check_snapshot_name(_now_name() if snapshot is None else snapshot)
             store = self._store(dom)
             if await trio.to_thread.run_sync(store.exists, snapshot):
                 raise AlreadyExists(f"VM snapshot {snapshot!r} of {name!r} already exists")
             await self._require_qcow2(dom)
             await self._check_tag_free(dom, snapshot)
-            return await self._create(dom, snapshot, snapshot, mode, parent=store.current())
+            journal.begin("vm-snapshot-create", snapshot=snapshot, tag=snapshot,
+                          state=await self._state_now(dom))
+            return await self._create(dom, snapshot, snapshot, mode, store.current(), journal)
+
+    async def _state_now(self, dom: DomainDef) -> str:
+        if qemu.running_pid(self.dirs, dom.name) is None:
+            return "shutoff"
+        async with qmp.connect(qemu.Paths(self.dirs, dom.name).qmp) as mon:
+            return await qemu.run_state(mon)
 
     async def _create(self, dom: DomainDef, snapshot: str, tag: str, mode: str,
-                      parent: str) -> VmSnapshot:
+                      parent: str, journal: Journal, prefix: str = "") -> VmSnapshot:
+        """Take a VM snapshot; its steps go to ``journal``, named with ``prefix``."""
         store = self._store(dom)
         await trio.to_thread.run_sync(store.ensure)
         created = int(time.time())
         disks = tuple(d.dev for d in dom.disks)
         if qemu.running_pid(self.dirs, dom.name) is None:
+            journal.step(prefix + "disks")
             await self._offline_disk_snapshot(dom, tag)
             snap = VmSnapshot(name=snapshot, creation_time=created, save=None, state="shutoff",
                               parent=parent, disks=disks, tag=tag)
         else:
             save = store.save_path(snapshot)
-            saved = await self._save(dom, tag, save, mode)
+            saved = await self._save(dom, tag, save, mode, journal, prefix)
             snap = VmSnapshot(name=snapshot, creation_time=created, save=save, state=saved.state,
                               parent=parent, disks=disks, save_sha256=saved.sha256,
                               save_size=saved.size, tag=tag, mode=saved.mode,
                               pause_ms=saved.pause_ms)
         try:
+            journal.step(prefix + "record")
             await trio.to_thread.run_sync(store.write, snap, dom.to_toml())
+            journal.step(prefix + "current")
             if snapshot != UNDO:
                 await trio.to_thread.run_sync(store.set_current, snapshot)
         except OSError as err:
@@ -420,17 +451,24 @@ class Engine:
         return snap
 
     async def _forget(self, dom: DomainDef, snap: VmSnapshot) -> None:
-        """Remove a snapshot's disk tags and files, whatever state it is in."""
-        running = qemu.running_pid(self.dirs, dom.name) is not None
-        try:
-            async with self._maybe_monitor(dom, running) as mon:
-                present = {s.dev for s in await self._disk_snapshots(dom, mon)
-                           if s.tag == snap.disk_tag}
-                await self._delete_disk_tag(dom, snap.disk_tag, mon, only=present)
-        finally:
-            await trio.to_thread.run_sync(self._store(dom).remove, snap.name)
+        await self._forget_named(dom, snap.name, snap.disk_tag)
 
-    async def _save(self, dom: DomainDef, tag: str, save: Path, mode: str) -> "_Saved":
+    async def _forget_named(self, dom: DomainDef, name: str, tag: str) -> None:
+        """Remove a snapshot, whatever state it is in: info file first, so it is gone at
+        once, then its disk snapshots and files (a dead process's journal finishes it)."""
+        store = self._store(dom)
+        await trio.to_thread.run_sync(store.info_path(name).unlink, True)
+        await self._delete_tag_where_present(dom, tag)
+        await trio.to_thread.run_sync(store.remove, name)
+
+    async def _delete_tag_where_present(self, dom: DomainDef, tag: str) -> None:
+        running = qemu.running_pid(self.dirs, dom.name) is not None
+        async with self._maybe_monitor(dom, running) as mon:
+            present = {s.dev for s in await self._disk_snapshots(dom, mon) if s.tag == tag}
+            await self._delete_disk_tag(dom, tag, mon, only=present)
+
+    async def _save(self, dom: DomainDef, tag: str, save: Path, mode: str, journal: Journal,
+                    prefix: str) -> "_Saved":
         """Disk transaction + save image of a running QEMU, fsynced, at ``save``.
 
         The vCPUs stop for the disk transaction; in live mode QEMU resumes them
@@ -451,11 +489,15 @@ class Engine:
                                                          mode == "live" and state == "running")
                     await mon.send_fd(fd, SAVE_FD)
                     await mon.listen()
+                    journal.step(prefix + "stop")
                     await mon.execute("stop")
+                    journal.step(prefix + "transaction")
                     await self._disk_transaction(mon, dom, tag)
                     tagged = True
+                    journal.step(prefix + "migrate")
                     await mon.execute("migrate", {"uri": f"fd:{SAVE_FD}"})
                     await self._wait_migration(mon, dom.name, "vm-snapshot-create")
+                    journal.step(prefix + "resume")
                     if state != "running":
                         await self._reactivate_paused(mon)
                     await self._resume(mon, state)
@@ -559,29 +601,50 @@ class Engine:
 
     async def vm_snapshot_delete(self, name: str, snapshot: str) -> None:
         dom = self._domain(name)
-        async with self._operation(name, "vm-snapshot-delete"):
+        async with self._operation(name, "vm-snapshot-delete") as journal:
             snap = await trio.to_thread.run_sync(self._store(dom).read, snapshot)
             self._refuse_exported(dom, {snap.disk_tag})
+            journal.begin("vm-snapshot-delete", snapshot=snapshot, tag=snap.disk_tag)
+            journal.step("forget")
             await self._forget(dom, snap)
 
     async def vm_snapshot_apply(self, name: str, snapshot: str, paused: bool = False) -> None:
-        """Bring the domain back to ``snapshot``; the state it leaves is kept as ``.undo``."""
+        """Bring the domain back to ``snapshot``; the state it leaves is kept as ``.undo``.
+
+        The state being replaced is first saved as ``.undo.next``; if the restore
+        fails, the domain is brought back from it. On success it becomes ``.undo``.
+        """
         dom = self._domain(name)
-        async with self._operation(name, "vm-snapshot-apply"):
+        async with self._operation(name, "vm-snapshot-apply") as journal:
             store = self._store(dom)
             snap = await trio.to_thread.run_sync(store.read, snapshot)
             target = await self._check_applicable(dom, snap)
-            running = qemu.running_pid(self.dirs, name) is not None
-            undo = await self._keep_undo(dom, running)
+            await self._require_qcow2(dom)
+            state = await self._state_now(dom)
+            undo_tag = f".undo-{time.time_ns()}"
+            journal.begin("vm-snapshot-apply", snapshot=snapshot, tag=snap.disk_tag,
+                          paused=paused, state=state, undo_tag=undo_tag)
+            journal.step("undo")
+            undo = await self._create(dom, UNDO_NEXT, undo_tag, "paused", store.current(),
+                                      journal, prefix="undo:")
             try:
-                await self._restore(dom, target, snap, paused)
+                await self._restore(dom, target, snap, paused, journal)
             except BaseException as err:
                 with trio.CancelScope(shield=True):
-                    if undo is not None:
-                        await self._bring_back_undo(dom, undo, err)
+                    await self._bring_back_undo(dom, undo, err)
                 raise
-            if snapshot != UNDO:
-                await trio.to_thread.run_sync(store.set_current, snapshot)
+            await self._finish_apply(dom, snapshot, journal)
+
+    async def _finish_apply(self, dom: DomainDef, snapshot: str, journal: Journal) -> None:
+        store = self._store(dom)
+        journal.step("keep-undo")
+        if await trio.to_thread.run_sync(store.exists, UNDO_NEXT):
+            if await trio.to_thread.run_sync(store.exists, UNDO):
+                await self._forget(dom, await trio.to_thread.run_sync(store.read, UNDO))
+            await trio.to_thread.run_sync(store.rename, UNDO_NEXT, UNDO)
+        journal.step("current")
+        if snapshot != UNDO:
+            await trio.to_thread.run_sync(store.set_current, snapshot)
 
     async def _check_applicable(self, dom: DomainDef, snap: VmSnapshot) -> DomainDef:
         """Everything apply needs is there and intact, before the domain is touched."""
@@ -608,24 +671,16 @@ class Engine:
                 raise NotFound(f"disk {disk.dev} ({disk.file}) has no snapshot {snap.disk_tag!r}")
         return target
 
-    async def _keep_undo(self, dom: DomainDef, running: bool) -> VmSnapshot | None:
-        """Snapshot the state about to be replaced as ``.undo``, replacing the previous one."""
-        store = self._store(dom)
-        tag = f".undo-{time.time_ns()}"
-        old = None
-        if await trio.to_thread.run_sync(store.exists, UNDO):
-            old = await trio.to_thread.run_sync(store.read, UNDO)
-            await self._forget(dom, old)
-        await self._require_qcow2(dom)
-        return await self._create(dom, UNDO, tag, "paused", parent=store.current())
-
     async def _restore(self, dom: DomainDef, target: DomainDef, snap: VmSnapshot,
-                       paused: bool) -> None:
+                       paused: bool, journal: Journal) -> None:
+        journal.step("quit")
         await qemu.quit(self.dirs, dom.name)
+        journal.step("revert")
         for disk in target.disks:
             await images.snapshot_apply(disk.file, snap.disk_tag)
         if snap.save is None:
             return
+        journal.step("restore")
         await self._incoming(target, snap.save, paused)
 
     async def _incoming(self, target: DomainDef, save: Path, paused: bool) -> None:
@@ -662,21 +717,102 @@ class Engine:
             raise QemuError(f"restored QEMU is in state {status['status']!r}")
 
     async def _bring_back_undo(self, dom: DomainDef, undo: VmSnapshot, err: BaseException) -> None:
-        logger.error("domain %s: apply failed (%s); bringing back .undo", dom.name, err)
+        """After a failed restore, return the domain to the state the apply replaced."""
+        logger.error("domain %s: apply failed (%s); bringing back the state it replaced",
+                     dom.name, err)
         try:
             target = parse_domain(await trio.to_thread.run_sync(
-                self._store(dom).config_path(UNDO).read_text), "undo")
+                self._store(dom).config_path(undo.name).read_text), undo.name)
             await qemu.quit(self.dirs, dom.name)
             for disk in target.disks:
                 await images.snapshot_apply(disk.file, undo.disk_tag)
             if undo.save is not None:
                 await self._incoming(target, undo.save, paused=undo.state == "paused")
         except SnapfsError as again:
-            logger.critical("domain %s: bringing back .undo failed too: %s", dom.name, again)
+            logger.critical("domain %s: bringing back its previous state failed too: %s",
+                            dom.name, again)
             if isinstance(err, SnapfsError):
                 err.args = (f"{err}; bringing back the previous state failed too: {again}; "
-                            f"it is kept as {UNDO}",)
+                            f"it is kept as {undo.name}",)
             return
+        await self._forget(dom, undo)
         if isinstance(err, SnapfsError):
             err.args = (f"{err}; the domain was brought back to the state it had before "
-                        f"the apply ({UNDO})",)
+                        "the apply",)
+
+    # -- recovery ----------------------------------------------------------
+
+    async def _recover(self, name: str, entry: Entry) -> None:
+        """Finish or roll back what a dead process left in the journal.
+
+        Creates roll back unless their snapshot was recorded; deletes roll
+        forward; an apply rolls back before the old QEMU is quit and forward
+        after, bringing back the state it replaced if that fails.
+        """
+        logger.warning("domain %s: recovering an interrupted %s (last step %r)",
+                       name, entry.operation, entry.last)
+        facts = entry.facts
+        try:
+            dom = self._domain(name)
+            if entry.operation in ("disk-snapshot-create", "disk-snapshot-delete"):
+                if entry.steps:
+                    await self._delete_tag_where_present(dom, facts["tag"])
+            elif entry.operation == "vm-snapshot-delete":
+                await self._forget_named(dom, facts["snapshot"], facts["tag"])
+            elif entry.operation == "vm-snapshot-create":
+                await self._recover_create(dom, facts["snapshot"], facts["tag"], facts["state"],
+                                           entry.reached("current"))
+            elif entry.operation == "vm-snapshot-apply":
+                await self._recover_apply(dom, entry)
+        except SnapfsError as err:
+            logger.error("domain %s: recovery of %s failed: %s", name, entry.operation, err)
+            self.record_error(name, f"recovery of an interrupted {entry.operation}: {err}")
+            return
+        self.record_error(name, f"notice: an interrupted {entry.operation} was "
+                          f"{'finished' if entry.operation.endswith('delete') else 'recovered'} "
+                          f"(it stopped before step {entry.last!r})")
+
+    async def _recover_create(self, dom: DomainDef, snapshot: str, tag: str, state: str,
+                              recorded: bool) -> None:
+        store = self._store(dom)
+        if recorded:
+            if snapshot not in (UNDO, UNDO_NEXT):
+                await trio.to_thread.run_sync(store.set_current, snapshot)
+            return
+        await self._settle(dom, state)
+        await trio.to_thread.run_sync(store.save_tmp_path(snapshot).unlink, True)
+        await self._forget_named(dom, snapshot, tag)
+
+    async def _recover_apply(self, dom: DomainDef, entry: Entry) -> None:
+        facts = entry.facts
+        store = self._store(dom)
+        if not entry.reached("quit"):
+            await self._recover_create(dom, UNDO_NEXT, facts["undo_tag"], facts["state"],
+                                       recorded=False)
+            return
+        undo = await trio.to_thread.run_sync(store.read, UNDO_NEXT) \
+            if await trio.to_thread.run_sync(store.exists, UNDO_NEXT) else None
+        if not entry.reached("keep-undo"):
+            snap = await trio.to_thread.run_sync(store.read, facts["snapshot"])
+            target = parse_domain(await trio.to_thread.run_sync(
+                store.config_path(snap.name).read_text), snap.name)
+            journal = Journal(self.dirs, dom.name)
+            try:
+                await self._restore(dom, target, snap, bool(facts["paused"]), journal)
+            except SnapfsError as err:
+                if undo is not None:
+                    await self._bring_back_undo(dom, undo, err)
+                raise
+        await self._finish_apply(dom, facts["snapshot"], Journal(self.dirs, dom.name))
+
+    async def _settle(self, dom: DomainDef, state: str) -> None:
+        """Bring a QEMU a dead process left mid-save back to ``state``, migration cancelled."""
+        if qemu.running_pid(self.dirs, dom.name) is None:
+            return
+        async with qmp.connect(qemu.Paths(self.dirs, dom.name).qmp) as mon:
+            await self._undo_save(mon, dom, None)
+            now = (await mon.execute("query-status"))["status"]
+            if state == "running" and now != "running":
+                await mon.execute("cont")
+            elif state == "paused" and now == "postmigrate":
+                await self._reactivate_paused(mon)

@@ -14,7 +14,7 @@ import hashlib
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .config import Dirs, check_snapshot_name
@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 INFO_PREFIX, INFO_SUFFIX = "snapshotdata-", ".xl"
 UNDO = ".undo"
+UNDO_NEXT = ".undo.next"    # the state an apply in progress replaces; becomes .undo on success
 _LINE = re.compile(r'([a-z_0-9]+)="((?:[^"\\]|\\.)*)"')
 
 
@@ -133,7 +134,7 @@ class Store:
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def _check(self, name: str) -> str:
-        return name if name == UNDO else check_snapshot_name(name)
+        return name if name in (UNDO, UNDO_NEXT) else check_snapshot_name(name)
 
     def info_path(self, name: str) -> Path:
         return self.dir / f"{INFO_PREFIX}{self._check(name)}{INFO_SUFFIX}"
@@ -193,6 +194,21 @@ class Store:
         """Forget a snapshot: info file first, so it vanishes at once, then its data."""
         for path in (self.info_path(name), self.save_path(name), self.config_path(name)):
             path.unlink(missing_ok=True)
+
+    def save_tmp_path(self, name: str) -> Path:
+        """Where a save image is written before it is complete."""
+        return self.dir / f".{self.save_path(name).name}.tmp"
+
+    def rename(self, src: str, dst: str) -> None:
+        """Give snapshot ``src`` the name ``dst``; safe to repeat after an interruption."""
+        snap = self.read(src)
+        for old, new in ((self.save_path(src), self.save_path(dst)),
+                         (self.config_path(src), self.config_path(dst))):
+            if old.exists():  # else an interrupted rename already moved it, or it never was
+                os.replace(old, new)
+        renamed = replace(snap, name=dst, save=self.save_path(dst) if snap.save else None)
+        atomic_write(self.info_path(dst), format_info(renamed), mode=0o600)
+        self.info_path(src).unlink()
 
     def current(self) -> str:
         try:
