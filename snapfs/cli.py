@@ -185,8 +185,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+    # Without -v a failure is the one line main() prints; the log is for -v and the tree.
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.CRITICAL,
                         format="snapfs: %(levelname)s: %(name)s: %(message)s")
+    if not args.verbose:
+        # qemu.qmp logs connection failures itself; snapfs reports them in its own words.
+        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
     dirs = Dirs.from_env(args.config_dir, args.state_dir, args.run_dir)
     what = args.command + (f" {args.verb}" if args.command == "domain" else "")
     try:

@@ -80,6 +80,16 @@ def qemu_command(dom: DomainDef, dirs: Dirs, formats: dict[str, str], *,
     return cmd + list(dom.extra_args)
 
 
+def last_words(dirs: Dirs, name: str) -> str:
+    """QEMU's last error message: with -D, a daemonized QEMU keeps stderr in that log."""
+    try:
+        lines = Paths(dirs, name).log.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    errors = [line.removeprefix(f"{QEMU}: ") for line in lines if ": warning:" not in line]
+    return "; ".join(errors[-2:])
+
+
 def running_pid(dirs: Dirs, name: str) -> int | None:
     """The pid of the domain's QEMU if it is alive, checked against its command line."""
     paths = Paths(dirs, name)
@@ -123,7 +133,8 @@ async def start(dirs: Dirs, dom: DomainDef, formats: dict[str, str], *, paused: 
                    f"starting domain {dom.name!r}")
     pid = running_pid(dirs, dom.name)
     if pid is None:
-        raise QemuError(f"domain {dom.name!r}: QEMU exited right after starting (see {paths.log})")
+        raise QemuError(f"domain {dom.name!r}: QEMU exited right after starting: "
+                        f"{last_words(dirs, dom.name) or f'see {paths.log}'}")
     return pid
 
 

@@ -432,7 +432,20 @@ class Engine:
                               parent=parent, disks=disks, tag=tag)
         else:
             save = store.save_path(snapshot)
-            saved = await self._save(dom, tag, save, mode, journal, prefix)
+            try:
+                saved = await self._save(dom, tag, save, mode, journal, prefix)
+            except BaseException as err:
+                # If QEMU died under the save, its tags are still in the images.
+                with trio.CancelScope(shield=True):
+                    try:
+                        await self._delete_tag_where_present(dom, tag)
+                    except SnapfsError as again:
+                        logger.error("domain %s: removing disk snapshot %r of a failed save: %s",
+                                     dom.name, tag, again)
+                if isinstance(err, QemuError) and qemu.running_pid(self.dirs, dom.name) is None:
+                    raise QemuError(f"the QEMU of {dom.name!r} exited during the snapshot "
+                                    f"({err}); no snapshot was kept") from err
+                raise
             snap = VmSnapshot(name=snapshot, creation_time=created, save=save, state=saved.state,
                               parent=parent, disks=disks, save_sha256=saved.sha256,
                               save_size=saved.size, tag=tag, mode=saved.mode,
@@ -441,7 +454,7 @@ class Engine:
             journal.step(prefix + "record")
             await trio.to_thread.run_sync(store.write, snap, dom.to_toml())
             journal.step(prefix + "current")
-            if snapshot != UNDO:
+            if snapshot not in (UNDO, UNDO_NEXT):
                 await trio.to_thread.run_sync(store.set_current, snapshot)
         except OSError as err:
             with trio.CancelScope(shield=True):
@@ -506,8 +519,7 @@ class Engine:
                     size, digest = await trio.to_thread.run_sync(sha256_file, tmp)
                 except BaseException as err:
                     with trio.CancelScope(shield=True):
-                        await self._undo_save(mon, dom, tag if tagged else None)
-                        await self._resume(mon, state)
+                        await self._abort_save(mon, dom, tag if tagged else None, state)
                     if isinstance(err, OSError) and err.errno == errno.ENOSPC:
                         raise NoSpace(f"no space left while writing the save image of {tag!r}; "
                                       "partial files removed, domain left as it was") from err
@@ -569,6 +581,15 @@ class Engine:
                                               total=int(ram.get("total", 0)), pid=os.getpid(),
                                               started=time.time()))
             await trio.sleep(POLL)
+
+    async def _abort_save(self, mon: qmp.Monitor, dom: DomainDef, tag: str | None,
+                          state: str) -> None:
+        """Best effort after a failed save: migration cancelled, tags gone, vCPUs as before."""
+        await self._undo_save(mon, dom, tag)
+        try:
+            await self._resume(mon, state)
+        except SnapfsError as err:
+            logger.error("domain %s: resuming after a failed save: %s", dom.name, err)
 
     async def _undo_save(self, mon: qmp.Monitor, dom: DomainDef, tag: str | None) -> None:
         try:
@@ -698,9 +719,12 @@ class Engine:
                     self._remember_state(target.name, "paused" if paused else "running")
             finally:
                 os.close(fd)
-        except BaseException:
+        except BaseException as err:
             with trio.CancelScope(shield=True):
                 await qemu.quit(self.dirs, target.name)
+            if isinstance(err, QemuError):
+                reason = qemu.last_words(self.dirs, target.name) or str(err)
+                raise QemuError(f"QEMU could not load the save image {save.name}: {reason}") from err
             raise
 
     async def _wait_incoming(self, mon: qmp.Monitor) -> None:

@@ -1,0 +1,137 @@
+"""Faults outside snapfs: each gives a clear error, and nothing is lost (issue 6)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import Env
+from test_recovery import assert_consistent, disk_tags, info_tags, store_dir
+
+DEVS = ("vda", "vdb")
+
+
+def snapfs_popen(env: Env, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "snapfs.cli", *env.dir_args, *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_no_space_left_while_saving(env: Env) -> None:
+    small = env.root / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(small)],
+                   check=True)
+    try:
+        env.state = small
+        env.define("full", devs=DEVS)
+        env.start("full")
+        message = env.fails("vm-snapshot-create", "-n", "big", "full")
+        assert "no space left" in message.lower(), message
+        assert env.run_state("full") == "running"
+        assert_consistent(env, name="full")
+        assert "big" not in info_tags(env, "full")
+        assert not [p for p in store_dir(env, "full").iterdir() if p.name.endswith(".save.tmp")]
+    finally:
+        env.kill_all()
+        subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_qemu_dies_during_a_save(env: Env) -> None:
+    # 256 MiB of random memory makes the save long enough to kill QEMU in the middle.
+    ram = env.root / "ram"
+    with ram.open("wb") as f:
+        for _ in range(256):
+            f.write(os.urandom(1 << 20))
+    extra = (f'extra_args = ["-object", "memory-backend-file,id=ram0,size=256M,'
+             f'mem-path={ram},share=off", "-machine", "memory-backend=ram0"]')
+    env.define("dies", devs=DEVS, memory="256M", extra=extra)
+    env.start("dies")
+    pid = int((env.run / "dies.pid").read_text())
+    proc = snapfs_popen(env, "vm-snapshot-create", "-n", "doomed", "--mode", "paused", "dies")
+    tmp = store_dir(env, "dies") / ".doomed.save.tmp"
+    deadline = time.monotonic() + 30
+    while not (tmp.exists() and tmp.stat().st_size > 0) and time.monotonic() < deadline:
+        time.sleep(0.002)
+    os.kill(pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert "exited during the snapshot" in err and "no snapshot was kept" in err, err
+    assert "Traceback" not in err
+    status = json.loads(env.snapfs("domain", "status", "--json", "dies").stdout)
+    assert status["state"] == "shutoff"
+    assert "doomed" not in info_tags(env, "dies")
+    assert all("doomed" not in disk_tags(env, dev, "dies") for dev in DEVS)
+    assert not tmp.exists()
+    env.start("dies")   # the domain is still usable
+
+
+def test_qmp_socket_gone(env: Env) -> None:
+    env.define("nosock", devs=DEVS)
+    env.start("nosock")
+    (env.run / "nosock.qmp").unlink()
+    message = env.fails("vm-snapshot-create", "-n", "x", "nosock")
+    assert "cannot reach QEMU's monitor" in message
+    assert "x" not in info_tags(env, "nosock")
+    assert all("x" not in disk_tags(env, dev, "nosock") for dev in DEVS)
+    assert not list(env.state.glob("snapshots/*/*x.save*"))
+    assert env.snapfs("domain", "status", "nosock").returncode == 0
+
+
+def test_failed_restore_brings_back_the_replaced_state(env: Env) -> None:
+    env.define("undo", devs=DEVS)
+    env.start("undo")
+    env.snapfs("vm-snapshot-create", "-n", "good", "undo")
+    # A definition QEMU cannot restore into: the save image is of a 32 MiB guest.
+    config = store_dir(env, "undo") / "good.config.toml"
+    config.chmod(0o600)
+    config.write_text(config.read_text().replace('memory = "32M"', 'memory = "64M"'))
+    time.sleep(0.5)
+    before = env.counter("undo")
+    message = env.fails("vm-snapshot-apply", "-n", "good", "undo")
+    assert "brought back" in message, message
+    assert env.run_state("undo") == "running"
+    after = env.counter("undo")
+    assert after >= before, "the guest continues from where the apply found it"
+    assert ".undo.next" not in info_tags(env, "undo")
+    assert_consistent(env, name="undo")
+    status = json.loads(env.snapfs("domain", "status", "--json", "undo").stdout)
+    assert status["current"] == "good" and "brought back" in status["last_error"]
+
+
+def test_undo_is_a_snapshot_of_the_replaced_state(env: Env) -> None:
+    env.define("undo2", devs=DEVS)
+    env.start("undo2")
+    env.snapfs("vm-snapshot-create", "-n", "early", "undo2")
+    time.sleep(1.0)
+    late = env.counter("undo2")
+    env.snapfs("vm-snapshot-apply", "-n", "early", "undo2")
+    assert env.counter("undo2") < late
+    env.snapfs("vm-snapshot-apply", "-n", ".undo", "undo2", "--paused")
+    assert env.counter("undo2") >= late, "applying .undo returns to the replaced state"
+    assert ".undo" in info_tags(env, "undo2")
+    assert_consistent(env, name="undo2")
+
+
+def test_planted_symlinks_are_not_followed(env: Env) -> None:
+    env.define("evil", devs=DEVS)
+    env.snapfs("vm-snapshot-create", "-n", "ok", "evil")
+    store = store_dir(env, "evil")
+    target = env.root / "victim"
+    target.write_text("precious\n")
+    (store / "snapshotdata-planted.xl").symlink_to(target)
+    (store / ".new.save.tmp").symlink_to(target)
+    listed = [s["name"] for s in json.loads(env.snapfs("vm-snapshot-list", "--json", "evil").stdout)]
+    assert listed == ["ok"]
+    assert "cannot read" in env.fails("vm-snapshot-delete", "-n", "planted", "evil")
+    env.start("evil")
+    env.snapfs("vm-snapshot-create", "-n", "new", "evil")
+    assert target.read_text() == "precious\n"
+    assert not (store / "new.save").is_symlink()
