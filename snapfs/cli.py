@@ -12,7 +12,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -24,6 +24,7 @@ __all__ = ["main"]
 
 logger = logging.getLogger("snapfs")
 
+T = TypeVar("T")
 EXIT_FAILURE = 1
 EXIT_INTERNAL = 70
 
@@ -79,15 +80,52 @@ async def cmd_domain(engine: Engine, args: argparse.Namespace) -> None:
             print(f"last error: {statuses[0].last_error}")
 
 
+async def _show_progress(engine: Engine, domain: str) -> None:
+    """Draw the operation's progress on stderr until cancelled (only on a terminal)."""
+    shown = False
+    try:
+        while True:
+            await trio.sleep(0.2)
+            progress = engine.progress(domain)
+            if progress is None or not progress.phase:
+                continue
+            line = progress.phase
+            if progress.total:
+                share = min(progress.done / progress.total, 1.0)
+                bar = "#" * int(share * 30)
+                line += (f" [{bar:<30}] {share:4.0%} {_human_size(progress.done)}"
+                         f" of {_human_size(progress.total)}")
+            sys.stderr.write(f"\r\033[K{line}")
+            sys.stderr.flush()
+            shown = True
+    finally:
+        if shown:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+async def _with_progress(engine: Engine, domain: str, operation: Awaitable[T]) -> T:
+    if not sys.stderr.isatty():
+        return await operation
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_show_progress, engine, domain)
+        try:
+            return await operation
+        finally:
+            nursery.cancel_scope.cancel()
+
+
 async def cmd_vm_snapshot(engine: Engine, args: argparse.Namespace) -> None:
     if args.verb == "create":
-        snap = await engine.vm_snapshot_create(args.domain, args.name, mode=args.mode)
+        snap = await _with_progress(engine, args.domain, engine.vm_snapshot_create(
+            args.domain, args.name, mode=args.mode))
         print(f"VM snapshot {snap.name} of {args.domain} created ({snap.state})")
     elif args.verb == "delete":
         await engine.vm_snapshot_delete(args.domain, args.name)
         print(f"VM snapshot {args.name} of {args.domain} deleted")
     elif args.verb == "apply":
-        await engine.vm_snapshot_apply(args.domain, args.name, paused=args.paused)
+        await _with_progress(engine, args.domain, engine.vm_snapshot_apply(
+            args.domain, args.name, paused=args.paused))
         print(f"domain {args.domain} reverted to VM snapshot {args.name}"
               f"{' (paused)' if args.paused else ''}")
     elif args.verb == "list":

@@ -90,6 +90,21 @@ def last_words(dirs: Dirs, name: str) -> str:
     return "; ".join(errors[-2:])
 
 
+def read_position(dirs: Dirs, name: str, path: Path) -> int:
+    """How far the domain's QEMU has read ``path`` (its file offset), 0 if unknown."""
+    pid = running_pid(dirs, name)
+    if pid is None:
+        return 0
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == str(path):
+                info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+                return int(info.split("pos:", 1)[1].split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def running_pid(dirs: Dirs, name: str) -> int | None:
     """The pid of the domain's QEMU if it is alive, checked against its command line."""
     paths = Paths(dirs, name)

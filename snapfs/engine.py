@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,8 @@ MODES = ("live", "paused")
 @dataclass(frozen=True)
 class Progress:
     operation: str
-    done: int = 0
+    phase: str = ""             # what the operation is doing now, e.g. "saving memory"
+    done: int = 0               # bytes
     total: int = 0
     pid: int = 0
     started: float = 0.0
@@ -82,6 +83,7 @@ class Engine:
     def __init__(self, dirs: Dirs) -> None:
         self.dirs = dirs
         self._local_locks: dict[str, trio.Lock] = {}
+        self._running: dict[str, Progress] = {}
 
     # -- bookkeeping -------------------------------------------------------
 
@@ -102,7 +104,14 @@ class Engine:
         except OSError as err:
             logger.warning("cannot record last error of %s: %s", name, err)
 
+    def _report(self, name: str, phase: str, done: int = 0, total: int = 0) -> None:
+        """Publish how far the domain's operation got (``.status``, the CLI's progress bar)."""
+        progress = self._running.get(name)
+        if progress is not None:
+            self._progress(name, replace(progress, phase=phase, done=done, total=total))
+
     def _progress(self, name: str, progress: Progress) -> None:
+        self._running[name] = progress
         try:
             atomic_write(self._op_path(name), json.dumps(progress.__dict__), mode=0o644)
         except OSError as err:
@@ -137,6 +146,7 @@ class Engine:
                         yield journal
                     finally:
                         journal.end()
+                        self._running.pop(name, None)
                         self._op_path(name).unlink(missing_ok=True)
                 finally:
                     os.close(fd)
@@ -234,6 +244,10 @@ class Engine:
             atomic_write(self._state_file(name), state, mode=0o644)
         except OSError as err:
             logger.debug("cannot record state of %s: %s", name, err)
+
+    def progress(self, name: str) -> Progress | None:
+        """The operation in progress on the domain, by this process or another."""
+        return self._running.get(name) or self._read_progress(name)
 
     def _read_progress(self, name: str) -> Progress | None:
         try:
@@ -509,7 +523,7 @@ class Engine:
                     tagged = True
                     journal.step(prefix + "migrate")
                     await mon.execute("migrate", {"uri": f"fd:{SAVE_FD}"})
-                    await self._wait_migration(mon, dom.name, "vm-snapshot-create")
+                    await self._wait_migration(mon, dom.name)
                     journal.step(prefix + "resume")
                     if state != "running":
                         await self._reactivate_paused(mon)
@@ -562,7 +576,7 @@ class Engine:
         await mon.execute("migrate-set-parameters", MIGRATE_PARAMETERS)
         return live
 
-    async def _wait_migration(self, mon: qmp.Monitor, name: str, operation: str) -> dict[str, Any]:
+    async def _wait_migration(self, mon: qmp.Monitor, name: str) -> dict[str, Any]:
         last = 0.0
         while True:
             info = await mon.execute("query-migrate")
@@ -577,9 +591,8 @@ class Engine:
             ram = info.get("ram", {})
             if time.monotonic() - last > 0.2 and ram:
                 last = time.monotonic()
-                self._progress(name, Progress(operation, done=int(ram.get("transferred", 0)),
-                                              total=int(ram.get("total", 0)), pid=os.getpid(),
-                                              started=time.time()))
+                self._report(name, "saving memory", int(ram.get("transferred", 0)),
+                             int(ram.get("total", 0)))
             await trio.sleep(POLL)
 
     async def _abort_save(self, mon: qmp.Monitor, dom: DomainDef, tag: str | None,
@@ -646,6 +659,7 @@ class Engine:
             journal.begin("vm-snapshot-apply", snapshot=snapshot, tag=snap.disk_tag,
                           paused=paused, state=state, undo_tag=undo_tag)
             journal.step("undo")
+            self._report(name, "saving the state it replaces")
             undo = await self._create(dom, UNDO_NEXT, undo_tag, "paused", store.current(),
                                       journal, prefix="undo:")
             try:
@@ -676,6 +690,7 @@ class Engine:
             raise NotFound(f"snapshot {snap.name!r} has no saved definition: {err}") from None
         target = parse_domain(text, str(store.config_path(snap.name)))
         if snap.save is not None:
+            self._report(dom.name, "checking the save image")
             try:
                 size, digest = await trio.to_thread.run_sync(sha256_file, snap.save)
             except OSError as err:
@@ -697,6 +712,7 @@ class Engine:
         journal.step("quit")
         await qemu.quit(self.dirs, dom.name)
         journal.step("revert")
+        self._report(dom.name, "reverting disks")
         for disk in target.disks:
             await images.snapshot_apply(disk.file, snap.disk_tag)
         if snap.save is None:
@@ -713,7 +729,7 @@ class Engine:
                 async with qmp.connect(qemu.Paths(self.dirs, target.name).qmp) as mon:
                     await mon.send_fd(fd, RESTORE_FD)
                     await mon.execute("migrate-incoming", {"uri": f"fd:{RESTORE_FD}"})
-                    await self._wait_incoming(mon)
+                    await self._wait_incoming(mon, target.name, save)
                     if not paused:
                         await mon.execute("cont")
                     self._remember_state(target.name, "paused" if paused else "running")
@@ -727,11 +743,17 @@ class Engine:
                 raise QemuError(f"QEMU could not load the save image {save.name}: {reason}") from err
             raise
 
-    async def _wait_incoming(self, mon: qmp.Monitor) -> None:
+    async def _wait_incoming(self, mon: qmp.Monitor, name: str, save: Path) -> None:
+        total = save.stat().st_size
+        last = 0.0
         while True:
             status = await mon.execute("query-status")
             if status["status"] != "inmigrate":
                 break
+            if time.monotonic() - last > 0.2:
+                last = time.monotonic()
+                self._report(name, "loading memory", qemu.read_position(self.dirs, name, save),
+                             total)
             await trio.sleep(POLL)
         info = await mon.execute("query-migrate")
         if info.get("status") not in ("completed", None):

@@ -302,3 +302,36 @@ def test_raw_disk_runs_but_is_refused_for_snapshots(env: Env) -> None:
     status = json.loads(env.snapfs("domain", "status", "rawdom", "--json").stdout)
     assert status["state"] == "shutoff"
     assert "not qcow2" in status["last_error"]
+
+
+def test_operations_serialize_per_domain_across_processes(env: Env) -> None:
+    import fcntl
+    import sys
+
+    env.define("one")
+    env.define("two")
+    lock = open(env.run / "one.lock", "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)   # as if another process were working on "one"
+        env.snapfs("vm-snapshot-create", "-n", "free", "two")   # other domains go on
+        waiting = subprocess.Popen([sys.executable, "-m", "snapfs.cli", *env.dir_args,
+                                    "vm-snapshot-create", "-n", "queued", "one"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        with pytest.raises(subprocess.TimeoutExpired):
+            waiting.wait(timeout=1.5)
+        assert "queued" not in env.snapfs("vm-snapshot-list", "one").stdout
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
+    out, err = waiting.communicate(timeout=60)
+    assert waiting.returncode == 0, err
+    assert "queued" in env.snapfs("vm-snapshot-list", "one").stdout
+
+    racers = [subprocess.Popen([sys.executable, "-m", "snapfs.cli", *env.dir_args,
+                                "vm-snapshot-create", "-n", f"race{i}", "one"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for i in range(4)]
+    for racer in racers:
+        assert racer.wait(timeout=120) == 0, racer.stderr.read() if racer.stderr else ""
+    tags = qemu_img_tags(disk_file(env, "vda", "one"))
+    assert {f"race{i}" for i in range(4)} <= set(tags)
