@@ -188,9 +188,10 @@ def _parser() -> argparse.ArgumentParser:
             name_opt: str = "optional", json_opt: bool = False) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext)
         if name_opt == "optional":
-            p.add_argument("-n", dest="name", metavar="NAME", help="default: epoch seconds")
+            p.add_argument("-n", "--name", dest="name", metavar="NAME",
+                           help="default: epoch seconds")
         elif name_opt == "required":
-            p.add_argument("-n", dest="name", metavar="NAME", required=True)
+            p.add_argument("-n", "--name", dest="name", metavar="NAME", required=True)
         p.add_argument("domain", metavar="DOMAIN")
         if json_opt:
             p.add_argument("--json", action="store_true", help="print JSON")
@@ -208,7 +209,7 @@ def _parser() -> argparse.ArgumentParser:
     p = add("disk-snapshot-delete", cmd_disk_snapshot, "delete", "delete a disk snapshot", "none")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("-i", dest="id", metavar="ID")
-    which.add_argument("-n", dest="name", metavar="NAME")
+    which.add_argument("-n", "--name", dest="name", metavar="NAME")
     add("disk-snapshot-list", cmd_disk_snapshot, "list", "list disk snapshots", "none",
         json_opt=True)
 
@@ -239,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
         trio.run(args.run, Engine(dirs), args)
     except SnapfsError as err:
         print(f"snapfs: {what}: {err}", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as err:
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"snapfs: {what}: {err.strerror or err}{where}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         print(f"snapfs: {what}: interrupted", file=sys.stderr)

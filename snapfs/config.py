@@ -4,7 +4,6 @@ A domain is defined by ``<config dir>/domains/<name>.toml`` (DESIGN §2). Every
 value is checked here, once, so the rest of the code can trust a ``DomainDef``.
 """
 
-import json
 import os
 import re
 import tomllib
@@ -81,7 +80,7 @@ class DomainDef:
     memory: str = ""
 
     def to_toml(self) -> str:
-        q = json.dumps  # a JSON string is a valid TOML basic string
+        q = _toml_string
         lines = [
             f"name = {q(self.name)}",
             f"uuid = {q(self.uuid)}",
@@ -97,6 +96,12 @@ class DomainDef:
             lines += ["", "[[disks]]", f"dev = {q(disk.dev)}", f"file = {q(str(disk.file))}",
                       f"bus = {q(disk.bus)}"]
         return "\n".join(lines) + "\n"
+
+
+def _toml_string(value: str) -> str:
+    """A TOML basic string: quotes, backslashes and control characters escaped."""
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + re.sub(r"[\x00-\x1f\x7f]", lambda m: f"\\u{ord(m[0]):04x}", escaped) + '"'
 
 
 def check_domain_name(name: str) -> str:

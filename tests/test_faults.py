@@ -135,3 +135,24 @@ def test_planted_symlinks_are_not_followed(env: Env) -> None:
     env.snapfs("vm-snapshot-create", "-n", "new", "evil")
     assert target.read_text() == "precious\n"
     assert not (store / "new.save").is_symlink()
+
+
+def test_state_is_root_only(env: Env) -> None:
+    env.define("secret", devs=DEVS)
+    env.start("secret")
+    env.snapfs("vm-snapshot-create", "-n", "s", "secret")
+    store = store_dir(env, "secret")
+    assert (env.state / "snapshots").stat().st_mode & 0o777 == 0o700
+    assert store.stat().st_mode & 0o777 == 0o700
+    for path in store.iterdir():
+        assert path.stat().st_mode & 0o077 == 0, path
+    assert (store / "s.save").stat().st_mode & 0o777 == 0o400
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    proc = subprocess.run([*nobody, "cat", str(store / "s.save")], capture_output=True)
+    assert proc.returncode != 0 and b"Permission denied" in proc.stderr
+    proc = subprocess.run([*nobody, sys.executable, "-m", "snapfs.cli", *env.dir_args,
+                           "vm-snapshot-delete", "-n", "s", "secret"],
+                          capture_output=True, text=True, cwd="/")
+    assert proc.returncode == 1 and "Permission denied" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "s" in info_tags(env, "secret")
