@@ -550,6 +550,7 @@ def test_verbs_on_two_domains_run_side_by_side(tree: Tree) -> None:
 def test_a_large_save_read_does_not_stall_the_tree(tree: Tree) -> None:
     """A 1 GiB save image (sparse, fabricated in the store) read through the tree."""
     store = tree.store("off")
+    store.ensure()
     save = store.save_path("big")
     with open(save, "wb") as f:
         f.truncate(GiB)
