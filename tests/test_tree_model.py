@@ -91,8 +91,8 @@ async def listdir(ops: Operations, path: str, monkeypatch: pytest.MonkeyPatch) -
 async def read_file(ops: Operations, path: str, flags: int = os.O_RDONLY) -> bytes:
     info = await ops.open((await walk(ops, path)).st_ino, flags)
     try:
-        chunks = []
-        while chunk := await ops.read(info.fh, sum(map(len, chunks)), 7):
+        chunks: list[bytes] = []
+        while chunk := await ops.read(info.fh, sum(len(c) for c in chunks), 7):
             chunks.append(chunk)  # small reads: offsets must be honoured
         return b"".join(chunks)
     finally:
@@ -322,6 +322,15 @@ async def test_apply_reverts_and_keeps_undo(ops: Operations,
             b'snapshot_name=".undo"')
         await fails(errno.EROFS, rmdir(ops, DOM, ".undo"))
         assert (await status(ops))["current"] == "base"
+        # .undo is a snapshot like the others: applying it swaps back.
+        undo_created = (await walk(ops, f"{DOM}/.undo")).st_mtime_ns
+        undo_apply = await ops.open((await walk(ops, f"{DOM}/.undo/apply")).st_ino,
+                                    os.O_WRONLY, None)
+        try:
+            assert await ops.write(undo_apply.fh, 0, b"running\n") == 8
+        finally:
+            await ops.release(undo_apply.fh)
+        assert (await walk(ops, f"{DOM}/.undo")).st_mtime_ns >= undo_created
     finally:
         await rmdir(ops, DOM, "base")
 

@@ -73,7 +73,7 @@ def sh(cmd: str, check: bool = True, timeout: float = 120, **kw: Any) -> str:
                           **kw)
     if check and proc.returncode != 0:
         pytest.fail(f"`{cmd}` failed ({proc.returncode}): {proc.stdout}{proc.stderr}")
-    return proc.stdout
+    return str(proc.stdout)
 
 
 def errno_of(call: Callable[..., Any], *args: Any) -> int:
@@ -82,7 +82,7 @@ def errno_of(call: Callable[..., Any], *args: Any) -> int:
         if hasattr(result, "close"):
             result.close()
     except OSError as err:
-        return err.errno
+        return err.errno or 0
     return 0
 
 

@@ -51,7 +51,7 @@ from ..config import check_snapshot_name, load_domain
 from ..engine import DomainStatus, Engine, Progress
 from ..errors import Busy, NotFound, QemuError, SnapfsError, StateError
 from ..images import DiskSnapshot, list_snapshots
-from ..store import UNDO, VmSnapshot, format_info
+from ..store import UNDO, Store, VmSnapshot, format_info
 
 __all__ = ["Tree", "Node", "Kind", "OpenFile", "Reader", "ReadOnly", "TreePath", "FRESH"]
 
@@ -328,12 +328,13 @@ class Tree:
         if not node.is_dir:
             raise StateError(f"{'/'.join(path)} is not a directory")
         names: list[str]
+        snapshots: list[Node] = []
         if node.kind is Kind.ROOT:
             names = self.engine.domain_names()
         elif node.kind is Kind.DOMAIN:
-            dom = path[0]
-            snaps = await self.engine.vm_snapshot_list(dom)
-            names = [STATUS, CURRENT, DISK_DIR, UNDO] + [s.name for s in snaps]
+            names = [STATUS, CURRENT, DISK_DIR, UNDO]
+            snapshots = [self._snapshot_node((*path, s.name), s)
+                         for s in await self.engine.vm_snapshot_list(path[0])]
         elif node.kind is Kind.DISK_SNAPSHOTS:
             names = sorted(await self._disk_table(path[0]))
         elif node.kind is Kind.DISK_TAG:
@@ -347,13 +348,13 @@ class Tree:
                 nodes.append(await self.get((*path, name)))
             except NotFound:
                 continue  # .current or .undo absent, or deleted since the listing
-        return nodes
+        return nodes + snapshots
 
     async def readlink(self, path: TreePath) -> str:
         node = await self.get(path)
         if node.kind is not Kind.CURRENT:
             raise StateError(f"{'/'.join(path)} is not a symbolic link")
-        return (await self.engine.domain_status(path[0])).current
+        return await self._current_name(path[0])
 
     async def statfs(self) -> os.statvfs_result:
         """The state dir's file system: where save images take space."""
@@ -392,7 +393,7 @@ class Tree:
                     timeout=0)
 
     async def _current(self, path: TreePath) -> Node:
-        current = (await self.engine.domain_status(path[0])).current
+        current = await self._current_name(path[0])
         if not current:
             raise NotFound(f"domain {path[0]!r} has no current snapshot")
         mtime = self.started_ns
@@ -415,7 +416,9 @@ class Tree:
         return self._dir(path, Kind.DISK_TAG, newest)
 
     async def _snapshot_dir(self, path: TreePath) -> Node:
-        snap = await self._vm_snapshot(path)
+        return self._snapshot_node(path, await self._vm_snapshot(path))
+
+    def _snapshot_node(self, path: TreePath, snap: VmSnapshot) -> Node:
         return self._dir(path, Kind.SNAPSHOT, _ns(snap.creation_time))
 
     async def _generated(self, path: TreePath) -> Node:
@@ -470,6 +473,15 @@ class Tree:
                 raise NotFound(f"no VM snapshot named {name!r}") from None
         return await self.engine.vm_snapshot_info(dom, name)
 
+    async def _current_name(self, dom: str) -> str:
+        """The snapshot last created or applied.
+
+        Read from the store: ``engine.domain_status`` has it too, but asks QEMU
+        for the run state as well, a QMP session per lookup of ``.current``.
+        """
+        definition = await trio.to_thread.run_sync(load_domain, self.engine.dirs, dom)
+        return await trio.to_thread.run_sync(Store(self.engine.dirs, definition.uuid).current)
+
     async def _undo(self, dom: str) -> VmSnapshot | None:
         try:
             return await self.engine.vm_snapshot_info(dom, UNDO)
@@ -510,9 +522,12 @@ class Tree:
             raise NotFound(f"no disk snapshot {path[2]!r} on {path[0]!r}")
         return snaps
 
-    def _changed(self, dom: str) -> None:
+    def _changed(self, dom: str, removed: TreePath = ()) -> None:
         """Our own verb changed the domain: forget what was read about it."""
         self._disk_tables.pop(dom, None)
+        if removed:
+            for path in [p for p in self._cached if p[:len(removed)] == removed]:
+                del self._cached[path]
 
     # -- open files ----------------------------------------------------------
 
@@ -621,14 +636,14 @@ class Tree:
             try:
                 await self.engine.vm_snapshot_delete(path[0], path[1])
             finally:
-                self._changed(path[0])
+                self._changed(path[0], removed=path)
             return
         if node.kind is Kind.DISK_TAG:
             await self._wait_closed(path, f"rmdir {'/'.join(path)}")
             try:
                 await self.engine.disk_snapshot_delete(path[0], tag=path[2])
             finally:
-                self._changed(path[0])
+                self._changed(path[0], removed=path)
             return
         raise self._refused(path, "rmdir", "only snapshot directories can be removed")
 
