@@ -660,8 +660,17 @@ class Engine:
                           paused=paused, state=state, undo_tag=undo_tag)
             journal.step("undo")
             self._report(name, "saving the state it replaces")
-            undo = await self._create(dom, UNDO_NEXT, undo_tag, "paused", store.current(),
-                                      journal, prefix="undo:")
+            # Hashing the image and saving the replaced state both take a pass over
+            # memory-sized data: do them side by side, before the old QEMU is quit.
+            damage: list[SnapfsError] = []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._verify_sha256, snap, damage)
+                undo = await self._create(dom, UNDO_NEXT, undo_tag, "paused", store.current(),
+                                          journal, prefix="undo:")
+            if damage:
+                with trio.CancelScope(shield=True):
+                    await self._forget(dom, undo)
+                raise damage[0]
             try:
                 await self._restore(dom, target, snap, paused, journal)
             except BaseException as err:
@@ -690,22 +699,31 @@ class Engine:
             raise NotFound(f"snapshot {snap.name!r} has no saved definition: {err}") from None
         target = parse_domain(text, str(store.config_path(snap.name)))
         if snap.save is not None:
-            self._report(dom.name, "checking the save image")
             try:
-                size, digest = await trio.to_thread.run_sync(sha256_file, snap.save)
+                size = (await trio.to_thread.run_sync(os.stat, snap.save)).st_size
             except OSError as err:
                 raise NotFound(f"save image of {snap.name!r} is unreadable: {err}") from None
             if snap.save_size and size != snap.save_size:
                 raise ConfigError(f"save image of {snap.name!r} is {size} bytes, "
                                   f"{snap.save_size} were written: it is truncated or damaged")
-            if snap.save_sha256 and digest != snap.save_sha256:
-                raise ConfigError(f"save image of {snap.name!r} does not match its sha256: "
-                                  "it is damaged")
         for disk in target.disks:
             tags = {s.tag for s in await images.list_snapshots(disk.dev, disk.file)}
             if snap.disk_tag not in tags:
                 raise NotFound(f"disk {disk.dev} ({disk.file}) has no snapshot {snap.disk_tag!r}")
         return target
+
+    async def _verify_sha256(self, snap: VmSnapshot, damage: list[SnapfsError]) -> None:
+        """Append to ``damage`` if the save image is not the one recorded at create."""
+        if snap.save is None or not snap.save_sha256:
+            return
+        try:
+            size, digest = await trio.to_thread.run_sync(sha256_file, snap.save)
+        except OSError as err:
+            damage.append(NotFound(f"save image of {snap.name!r} is unreadable: {err}"))
+            return
+        if size != snap.save_size or digest != snap.save_sha256:
+            damage.append(ConfigError(f"save image of {snap.name!r} does not match its "
+                                      "sha256: it is damaged"))
 
     async def _restore(self, dom: DomainDef, target: DomainDef, snap: VmSnapshot,
                        paused: bool, journal: Journal) -> None:
