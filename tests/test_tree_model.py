@@ -190,7 +190,7 @@ async def test_names_that_are_not_there_are_enoent(ops: Operations) -> None:
     (b"x" * 65, errno.ENAMETOOLONG),
     (b"x" * 1024, errno.ENAMETOOLONG),
     ("é".encode() * 33, errno.ENAMETOOLONG),   # 33 characters, 66 bytes
-])
+], ids=["dot", "control", "tab", "not-utf8", "65-bytes", "1024-bytes", "66-bytes-utf8"])
 async def test_bad_snapshot_names_are_refused_and_reported(
         ops: Operations, name: bytes, errnum: int) -> None:
     for parent in (DOM, f"{DOM}/.disk"):

@@ -480,6 +480,26 @@ print(json.dumps({{
         os.rmdir(snap)
 
 
+@pytest.mark.skipif(shutil.which("gio") is None, reason="gio (libglib2.0-bin) not installed")
+def test_gio_lists_and_describes_the_tree(tree: Tree) -> None:
+    """What file managers ask (GIO): hidden entries, types, sizes, file system info."""
+    os.mkdir(tree / "web/gio")
+    try:
+        listed = sh(f"gio list -h -a standard::type,standard::size {tree.mnt}/web")
+        entries = {line.split("\t")[0]: line for line in listed.splitlines()}
+        assert {".status", ".disk", ".current", "gio"} <= set(entries)
+        assert "(directory)" in entries["gio"] and "(regular)" in entries[".status"]
+        info = sh(f"gio info {tree.mnt}/web/gio/save")
+        assert "standard::content-type: application/octet-stream" in info
+        size = os.stat(tree / "web/gio/save").st_size
+        assert f"standard::size: {size}" in info
+        assert "application/json" in sh(f"gio info -a standard::content-type "
+                                        f"{tree.mnt}/web/gio/info.json")
+        assert "filesystem::type: fuse" in sh(f"gio info -f {tree.mnt}")
+    finally:
+        os.rmdir(tree / "web/gio")
+
+
 # -- one view of the truth -----------------------------------------------------------
 
 
