@@ -114,6 +114,7 @@ class Inodes:
 class Operations(pyfuse3.Operations):
     """The FUSE side of ``Tree``."""
 
+    # A write to apply must reach us at once and return when the apply is done.
     enable_writeback_cache = False
 
     def __init__(self, tree: Tree) -> None:
