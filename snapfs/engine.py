@@ -29,6 +29,7 @@ from .errors import AlreadyExists, Busy, ConfigError, NoSpace, NotFound, NotSupp
     QemuError, SnapfsError, StateError
 from .files import atomic_write
 from .images import DiskSnapshot
+from .diskview import DiskView, DiskViewError, DiskViews, exported
 from .journal import Entry, Journal
 from .store import UNDO, UNDO_NEXT, Store, VmSnapshot, sha256_file
 
@@ -62,6 +63,11 @@ class DomainStatus:
     current: str
     operation: Progress | None
     last_error: str
+
+
+_VIEW_ERRORS: dict[int, type[SnapfsError]] = {
+    errno.ENOENT: NotFound, errno.EOPNOTSUPP: NotSupported, errno.EINVAL: StateError,
+}
 
 
 @dataclass(frozen=True)
@@ -380,7 +386,6 @@ class Engine:
         return ""
 
     def _refuse_exported(self, dom: DomainDef, tags: set[str]) -> None:
-        from .diskview import exported  # the views are optional at import time
         for disk in dom.disks:
             for tag in tags:
                 if exported(self.dirs.run, disk.file, tag):
@@ -408,6 +413,41 @@ class Engine:
 
     def snapshot_config_path(self, name: str, snapshot: str) -> Path:
         return self._store(self._domain(name)).config_path(snapshot)
+
+    def snapshot_info_path(self, name: str, snapshot: str) -> Path:
+        """The snapshot's ``snapshotdata-<name>.xl``, to be served as it is."""
+        return self._store(self._domain(name)).info_path(snapshot)
+
+    def current_snapshot(self, name: str) -> str:
+        """The snapshot last created or applied, without asking QEMU anything."""
+        return self._store(self._domain(name)).current()
+
+    async def disk_snapshots_unlocked(self, name: str) -> list[DiskSnapshot]:
+        """Every disk's snapshots read with ``qemu-img -U``, without waiting for the
+        domain's lock: for listings that must not stall behind a long operation."""
+        result = []
+        for disk in self._domain(name).disks:
+            result += await images.list_snapshots(disk.dev, disk.file)
+        return result
+
+    async def disk_view(self, views: "DiskViews", name: str, snapshot: str, dev: str,
+                        vm: bool = True) -> "DiskView":
+        """Open a read-only view of disk ``dev`` at a VM snapshot (or a disk snapshot tag).
+
+        Taken under the domain's lock, so it cannot race a delete of the same snapshot.
+        """
+        dom = self._domain(name)
+        disk = next((d for d in dom.disks if d.dev == dev), None)
+        if disk is None:
+            raise NotFound(f"domain {name!r} has no disk {dev!r}")
+        tag = snapshot
+        if vm:
+            tag = (await trio.to_thread.run_sync(self._store(dom).read, snapshot)).disk_tag
+        async with self._operation(name, "disk-view"):
+            try:
+                return await views.open(disk.file, tag)
+            except DiskViewError as err:
+                raise _VIEW_ERRORS.get(err.errno, QemuError)(str(err)) from err
 
     async def vm_snapshot_create(self, name: str, snapshot: str | None = None,
                                  mode: str = "live") -> VmSnapshot:
@@ -512,8 +552,8 @@ class Engine:
                 state = await qemu.run_state(mon)
                 tagged = False
                 try:
-                    live = await self._prepare_migration(mon, dom.name,
-                                                         mode == "live" and state == "running")
+                    live = mode == "live" and state == "running" and self._room_for_live(dom, save)
+                    live = await self._prepare_migration(mon, dom.name, live)
                     await mon.send_fd(fd, SAVE_FD)
                     await mon.listen()
                     journal.step(prefix + "stop")
@@ -546,6 +586,17 @@ class Engine:
         os.chmod(tmp, 0o400)
         os.replace(tmp, save)
         return _Saved(state, size, digest, pause_ms, "live" if live else "paused")
+
+    def _room_for_live(self, dom: DomainDef, save: Path) -> bool:
+        """Whether a live save surely fits: QEMU 7.2 deadlocks when a background
+        snapshot hits ENOSPC (the guest waits on write-protected pages that are
+        never copied), where stop-and-save just fails cleanly."""
+        stat = os.statvfs(save.parent)
+        if stat.f_bavail * stat.f_frsize >= (dom.memory_mib + 64) << 20:
+            return True
+        logger.warning("domain %s: less free space than its memory in %s; "
+                       "saving with the VM paused", dom.name, save.parent)
+        return False
 
     async def _pause_ms(self, mon: qmp.Monitor) -> float:
         """How long the vCPUs stood still, from QEMU's STOP and RESUME event times."""
