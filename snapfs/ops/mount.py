@@ -99,7 +99,8 @@ def mount(dirs: Dirs, mountpoint: Path, *, foreground: bool = False,
     mountpoint = mountpoint.absolute()
     _check_mountpoint(mountpoint)
     dirs.ensure()
-    operations = Operations(Tree(Engine(dirs)))
+    engine = Engine(dirs)
+    operations = Operations(Tree(engine))
     try:
         pyfuse3.init(operations, str(mountpoint), _options(allow_other))
     except RuntimeError as err:
@@ -112,7 +113,7 @@ def mount(dirs: Dirs, mountpoint: Path, *, foreground: bool = False,
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     logger.info("snapfs mounted on %s (pid %d)", mountpoint, os.getpid())
     try:
-        trio.run(_serve, operations, str(mountpoint))
+        trio.run(_serve, engine, str(mountpoint))
     except BaseException:
         logger.critical("the tree on %s crashed; it stays mounted but dead: "
                         "`fusermount3 -u %s` clears it", mountpoint, mountpoint, exc_info=True)
@@ -123,9 +124,16 @@ def mount(dirs: Dirs, mountpoint: Path, *, foreground: bool = False,
     return 0
 
 
-async def _serve(operations: Operations, mountpoint: str) -> None:
+async def _serve(engine: Engine, mountpoint: str) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(_stop_on_signal, mountpoint)
+        # Operations a killed snapfs process left half done are settled before
+        # anyone can see their traces in the tree.
+        for name in engine.domain_names():
+            try:
+                await engine.recover(name)
+            except SnapfsError as err:
+                logger.error("domain %s: recovery at mount: %s", name, err)
         notify(f"READY=1\nSTATUS=serving {mountpoint}")
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
