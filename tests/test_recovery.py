@@ -9,6 +9,7 @@ and no half snapshot may be visible.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -137,3 +138,17 @@ def test_shut_off_create_killed(env: Env, step: str) -> None:
     listed = {s["name"] for s in json.loads(env.snapfs("vm-snapshot-list", "--json", "off").stdout)}
     assert (listed == {"s"}) == (step == "current")
     assert_consistent(env, name="off")
+
+
+def test_a_mount_recovers_before_serving(rec: Env) -> None:
+    from test_tree_mount import mounted
+
+    die_at(rec, "vm-snapshot-create:migrate", "vm-snapshot-create", "-n", "at-mount", DOM)
+    assert (rec.state / "journal" / f"{DOM}.json").exists()
+    with mounted(rec, name="rec") as tree:
+        # The first request is answered once serving starts, after recovery.
+        assert "base" in os.listdir(tree / DOM)
+        assert not (rec.state / "journal" / f"{DOM}.json").exists()
+        assert "at-mount" not in os.listdir(tree / DOM)
+        assert rec.run_state(DOM) == "running"
+    assert_consistent(rec)
