@@ -11,6 +11,7 @@ import errno
 import logging
 import os
 import stat
+import subprocess
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -21,6 +22,7 @@ import trio
 
 from conftest import Env
 from snapfs.config import Dirs
+from snapfs.diskview import DiskViews
 from snapfs.engine import Engine
 from snapfs.ops import model
 from snapfs.ops.fs import Inodes, Operations
@@ -138,7 +140,11 @@ async def test_a_snapshot_directory_holds_its_files_with_honest_attributes(
         assert entry.st_mtime_ns == snap.creation_time * 10**9
         files = await listdir(ops, f"{DOM}/shape", monkeypatch)
         # Shut off: a disk-only snapshot, so no save image.
-        assert list(files) == ["snapshotdata.xl", "info.json", "config.toml", "apply"]
+        assert list(files) == ["snapshotdata.xl", "info.json", "config.toml", "disks", "apply"]
+        disks = files.pop("disks")
+        assert stat.S_ISDIR(disks.st_mode) and stat.S_IMODE(disks.st_mode) == 0o555
+        assert disks.st_mtime_ns == snap.creation_time * 10**9
+        assert (await walk(ops, f"{DOM}/shape")).st_nlink == 3
         for name, attr in files.items():
             mode = stat.S_IMODE(attr.st_mode)
             assert stat.S_ISREG(attr.st_mode) and attr.st_nlink == 1
@@ -283,7 +289,8 @@ async def test_disk_snapshots_in_dot_disk(ops: Operations,
     try:
         tags = await listdir(ops, f"{DOM}/.disk", monkeypatch)
         assert "t1" in tags and stat.S_ISDIR(tags["t1"].st_mode)
-        assert list(await listdir(ops, f"{DOM}/.disk/t1", monkeypatch)) == ["info"]
+        assert list(await listdir(ops, f"{DOM}/.disk/t1", monkeypatch)) == [
+            "info", "vda.raw", "vdb.raw"]
         lines = (await read_file(ops, f"{DOM}/.disk/t1/info")).decode().splitlines()
         assert lines[0].split() == ["DISK", "ID", "TAG", "VM", "SIZE", "DATE", "VM", "CLOCK"]
         assert [line.split()[0] for line in lines[1:]] == ["vda", "vdb"]
@@ -360,6 +367,79 @@ async def test_changes_made_by_the_cli_show_at_once(ops: Operations, domains: En
     assert (await walk(ops, f"{DOM}/fromcli")).st_mode & stat.S_IFDIR
     domains.snapfs("vm-snapshot-delete", "-n", "fromcli", DOM)
     await fails(errno.ENOENT, walk(ops, f"{DOM}/fromcli"))
+
+
+# -- disk views ------------------------------------------------------------------
+
+
+@pytest.fixture
+async def views(ops: Operations, domains: Env) -> Any:
+    """The tree's disk views, as a mount has them; no server may outlive the test."""
+    async with DiskViews(domains.run, idle=0) as served:
+        ops.tree.views = served
+        yield served
+        ops.tree.views = None
+        assert served.servers() == []
+
+
+def qemu_io(image: Any, command: str) -> None:
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", command, str(image)], check=True,
+                   capture_output=True)
+
+
+async def test_disk_views_show_the_disks_as_they_were(
+        ops: Operations, domains: Env, views: DiskViews,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    vda, vdb = (domains.images / f"{DOM}-{dev}.qcow2" for dev in ("vda", "vdb"))
+    qemu_io(vda, "write -P 0x11 1M 64k")
+    qemu_io(vdb, "write -P 0x22 2M 64k")
+    await mkdir(ops, DOM, "old")
+    await mkdir(ops, f"{DOM}/.disk", "oldtag")
+    qemu_io(vda, "write -P 0x33 1M 64k")
+    try:
+        snap = await ops.tree.engine.vm_snapshot_info(DOM, "old")
+        listed = await listdir(ops, f"{DOM}/old/disks", monkeypatch)
+        assert list(listed) == ["vda.raw", "vdb.raw"]
+        for attr in listed.values():
+            assert stat.S_ISREG(attr.st_mode) and stat.S_IMODE(attr.st_mode) == 0o400
+            assert attr.st_size == 16 << 20
+            assert 0 < attr.st_blocks <= attr.st_size // 512
+            assert attr.st_mtime_ns == snap.creation_time * 10**9
+        old = await read_view(ops, f"{DOM}/old/disks/vda.raw", (1 << 20) - 4096, 72 << 10)
+        assert old == bytes(4096) + b"\x11" * (64 << 10) + bytes(4096)
+        assert await read_view(ops, f"{DOM}/.disk/oldtag/vdb.raw", 2 << 20, 64 << 10) == \
+            b"\x22" * (64 << 10)
+        end = await read_view(ops, f"{DOM}/old/disks/vdb.raw", (16 << 20) - 10, 4096)
+        assert end == bytes(10)     # reads end at the disk's end
+        await fails(errno.ENOENT, walk(ops, f"{DOM}/old/disks/vdc.raw"))
+        await fails(errno.ENOENT, walk(ops, f"{DOM}/.disk/oldtag/vdc.raw"))
+        await fails(errno.EROFS, ops.open((await walk(ops, f"{DOM}/old/disks/vda.raw")).st_ino,
+                                          os.O_RDWR, None))
+        await fails(errno.EROFS, mkdir(ops, f"{DOM}/old/disks", "x"))
+
+        # An open view holds its snapshot, in the tree and for the engine.
+        monkeypatch.setattr(model, "RELEASE_GRACE", 0.1)
+        for parent, name, path in ((DOM, "old", f"{DOM}/old/disks/vdb.raw"),
+                                   (f"{DOM}/.disk", "oldtag", f"{DOM}/.disk/oldtag/vda.raw")):
+            info = await ops.open((await walk(ops, path)).st_ino, os.O_RDONLY, None)
+            try:
+                await fails(errno.EBUSY, rmdir(ops, parent, name))
+                assert "open" in (await status(ops))["last_error"]
+            finally:
+                await ops.release(info.fh)
+        assert views.servers() == []     # idle=0: stopped at the last close
+    finally:
+        await rmdir(ops, f"{DOM}/.disk", "oldtag")
+        await rmdir(ops, DOM, "old")
+
+
+async def read_view(ops: Operations, path: str, offset: int, size: int) -> bytes:
+    info = await ops.open((await walk(ops, path)).st_ino, os.O_RDONLY, None)
+    try:
+        assert info.keep_cache is not None and not info.direct_io
+        return await ops.read(info.fh, offset, size)
+    finally:
+        await ops.release(info.fh)
 
 
 # -- bookkeeping -------------------------------------------------------------------
@@ -452,3 +532,11 @@ def test_shapes() -> None:
     assert model._shape(("d", ".disk", "t", "save")) is None
     assert model._shape(("d", "s", "save", "x")) is None
     assert model._shape(("d", ".status", "x")) is None
+    assert model._shape(("d", "s", "disks")) is K.DISKS
+    assert model._shape(("d", "s", "disks", "vda.raw")) is K.DISK_VIEW
+    assert model._shape(("d", ".undo", "disks", "vda.raw")) is K.DISK_VIEW
+    assert model._shape(("d", ".disk", "t", "vda.raw")) is K.DISK_VIEW
+    assert model._shape(("d", "s", "disks", ".raw")) is None
+    assert model._shape(("d", "s", "disks", "vda")) is None
+    assert model._shape(("d", "s", "disks", "vda.raw", "x")) is None
+    assert model._shape(("d", "s", "vda.raw")) is None

@@ -14,19 +14,22 @@ A node is named by its path, a tuple of names below the mount point::
     (dom, ".disk")                      DISK_SNAPSHOTS  one directory per disk snapshot tag
     (dom, ".disk", tag)                 DISK_TAG
     (dom, ".disk", tag, "info")         DISK_INFO
+    (dom, ".disk", tag, dev + ".raw")   DISK_VIEW       the disk at that snapshot, raw
     (dom, name) / (dom, ".undo")        SNAPSHOT
     (dom, name, "snapshotdata.xl")      SNAPSHOT_XL
     (dom, name, "info.json")            INFO_JSON
     (dom, name, "config.toml")          CONFIG
     (dom, name, "save")                 SAVE            the stored file's bytes
+    (dom, name, "disks")                DISKS           one view per disk
+    (dom, name, "disks", dev + ".raw")  DISK_VIEW
     (dom, name, "apply")                APPLY           write-only verb
 
 What a path *can* be follows from its shape alone (``_shape``); whether it
 exists is asked of the engine each time, so another process's changes show
 at once. Reads go through a ``Reader``: generated files are rendered once at
-open, the save image is read with ``pread`` in a worker thread. A disk view
-(``disks/<dev>.raw``, ``.disk/<tag>/<dev>.raw``) is one more file kind whose
-``open`` returns ``DiskViews.open(...)``, which is already a ``Reader``.
+open, the save image is read with ``pread`` in a worker thread, a disk view
+reads the internal snapshot through the mount's ``DiskViews`` (qemu-nbd), so
+it shows the disk as it was while the domain runs and writes on.
 """
 
 from __future__ import annotations
@@ -48,9 +51,10 @@ from typing import Protocol
 import trio
 
 from ..config import check_snapshot_name, load_domain
+from ..diskview import DiskView, DiskViewError, DiskViews
 from ..engine import DomainStatus, Engine, Progress
 from ..errors import Busy, NotFound, QemuError, SnapfsError, StateError
-from ..images import DiskSnapshot, list_snapshots
+from ..images import DiskSnapshot, image_info
 from ..store import UNDO, Store, VmSnapshot, format_info
 
 __all__ = ["Tree", "Node", "Kind", "OpenFile", "Reader", "ReadOnly", "TreePath", "FRESH"]
@@ -72,8 +76,9 @@ RELEASE_GRACE = 1.0
 DISK_TABLE_TRIES = 3
 
 STATUS, CURRENT, DISK_DIR, INFO = ".status", ".current", ".disk", "info"
-SNAPSHOT_XL, INFO_JSON, CONFIG, SAVE, APPLY = (
-    "snapshotdata.xl", "info.json", "config.toml", "save", "apply")
+SNAPSHOT_XL, INFO_JSON, CONFIG, SAVE, DISKS, APPLY = (
+    "snapshotdata.xl", "info.json", "config.toml", "save", "disks", "apply")
+VIEW_SUFFIX = ".raw"
 
 
 class ReadOnly(SnapfsError):
@@ -95,16 +100,18 @@ class Kind(enum.Enum):
     INFO_JSON = "info.json"
     CONFIG = "config"
     SAVE = "save image"
+    DISKS = "disk views"
+    DISK_VIEW = "disk view"
     APPLY = "apply"
 
 
 SNAPSHOT_FILES = {SNAPSHOT_XL: Kind.SNAPSHOT_XL, INFO_JSON: Kind.INFO_JSON,
-                  CONFIG: Kind.CONFIG, SAVE: Kind.SAVE, APPLY: Kind.APPLY}
+                  CONFIG: Kind.CONFIG, SAVE: Kind.SAVE, DISKS: Kind.DISKS, APPLY: Kind.APPLY}
 DOMAIN_ENTRIES = {STATUS: Kind.STATUS, CURRENT: Kind.CURRENT, DISK_DIR: Kind.DISK_SNAPSHOTS}
 DIR_MODE = stat.S_IFDIR | 0o555
 VERB_DIR_MODE = stat.S_IFDIR | 0o755       # mkdir/rmdir are verbs here
 FILE_MODE = stat.S_IFREG | 0o444
-SECRET_MODE = stat.S_IFREG | 0o400         # guest memory
+SECRET_MODE = stat.S_IFREG | 0o400         # guest memory, guest disks
 APPLY_MODE = stat.S_IFREG | 0o200
 LINK_MODE = stat.S_IFLNK | 0o777
 
@@ -178,6 +185,30 @@ class FileReader:
             await trio.to_thread.run_sync(os.close, fd)
 
 
+class ViewReader:
+    """A disk view; a failed read is EIO with qemu-nbd's reason, not a bug in the tree."""
+
+    def __init__(self, view: DiskView) -> None:
+        self.view = view
+
+    async def read(self, offset: int, size: int) -> bytes:
+        try:
+            return await self.view.read(offset, size)
+        except DiskViewError as err:
+            raise QemuError(str(err)) from err
+
+    async def aclose(self) -> None:
+        await self.view.aclose()
+
+
+@dataclass(frozen=True)
+class _Disks:
+    """What ``qemu-img info -U`` says about a domain's disks, read together."""
+
+    tags: dict[str, list[DiskSnapshot]]     # tag -> its snapshot on each disk, in disk order
+    sizes: dict[str, tuple[int, int]]       # dev -> (virtual size, bytes the image takes)
+
+
 @dataclass
 class OpenFile:
     """A file opened through the tree."""
@@ -206,8 +237,8 @@ def _shape(path: TreePath) -> Kind | None:
             return DOMAIN_ENTRIES[entry]
         if entry == DISK_DIR and depth == 3:
             return Kind.DISK_TAG
-        if entry == DISK_DIR and depth == 4 and path[3] == INFO:
-            return Kind.DISK_INFO
+        if entry == DISK_DIR and depth == 4:
+            return Kind.DISK_INFO if path[3] == INFO else _view_shape(path[3])
         return None
     if entry.startswith(".") and entry != UNDO:
         return None
@@ -215,7 +246,14 @@ def _shape(path: TreePath) -> Kind | None:
         return Kind.SNAPSHOT
     if depth == 3:
         return SNAPSHOT_FILES.get(path[2])
+    if depth == 4 and path[2] == DISKS:
+        return _view_shape(path[3])
     return None
+
+
+def _view_shape(name: str) -> Kind | None:
+    return Kind.DISK_VIEW if name.endswith(VIEW_SUFFIX) and len(name) > len(VIEW_SUFFIX) \
+        else None
 
 
 def _holder(path: TreePath) -> TreePath:
@@ -289,15 +327,18 @@ class Tree:
 
     Every method takes paths (tuples of names) and raises ``SnapfsError``
     subclasses, whose ``errno`` is the answer; a refused change on a domain is
-    also recorded as that domain's ``last_error``.
+    also recorded as that domain's ``last_error``. Disk views are opened
+    through ``views``, which the mount sets for as long as it serves.
     """
 
-    def __init__(self, engine: Engine, *, uid: int | None = None, gid: int | None = None) -> None:
+    def __init__(self, engine: Engine, *, uid: int | None = None, gid: int | None = None,
+                 views: DiskViews | None = None) -> None:
         self.engine = engine
+        self.views = views
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
         self.started_ns = time.time_ns()
-        self._disk_tables: dict[str, tuple[float, dict[str, list[DiskSnapshot]]]] = {}
+        self._disks: dict[str, tuple[float, _Disks]] = {}
         self._open: Counter[TreePath] = Counter()
         self._released = trio.Event()
         self._cached: dict[TreePath, str] = {}
@@ -307,7 +348,8 @@ class Tree:
             Kind.DISK_TAG: self._disk_tag, Kind.DISK_INFO: self._generated,
             Kind.SNAPSHOT: self._snapshot_dir, Kind.SNAPSHOT_XL: self._generated,
             Kind.INFO_JSON: self._generated, Kind.CONFIG: self._generated,
-            Kind.SAVE: self._save, Kind.APPLY: self._apply,
+            Kind.SAVE: self._save, Kind.DISKS: self._disks_dir,
+            Kind.DISK_VIEW: self._disk_view, Kind.APPLY: self._apply,
         }
 
     # -- what is there -----------------------------------------------------
@@ -338,10 +380,14 @@ class Tree:
         elif node.kind is Kind.DISK_SNAPSHOTS:
             names = sorted(await self._disk_table(path[0]))
         elif node.kind is Kind.DISK_TAG:
-            names = [INFO]
+            names = [INFO] + await self._view_names(path[0], path[2])
+        elif node.kind is Kind.DISKS:
+            snap = await self._vm_snapshot(path)
+            names = await self._view_names(path[0], snap.disk_tag)
         else:
             snap = await self._vm_snapshot(path)
-            names = [SNAPSHOT_XL, INFO_JSON, CONFIG] + ([SAVE] if snap.save else []) + [APPLY]
+            names = [SNAPSHOT_XL, INFO_JSON, CONFIG] + ([SAVE] if snap.save else []) + \
+                [DISKS, APPLY]
         nodes = []
         for name in names:
             try:
@@ -419,7 +465,7 @@ class Tree:
         return self._snapshot_node(path, await self._vm_snapshot(path))
 
     def _snapshot_node(self, path: TreePath, snap: VmSnapshot) -> Node:
-        return self._dir(path, Kind.SNAPSHOT, _ns(snap.creation_time))
+        return self._dir(path, Kind.SNAPSHOT, _ns(snap.creation_time), subdirs=1)
 
     async def _generated(self, path: TreePath) -> Node:
         kind = _shape(path)
@@ -437,6 +483,36 @@ class Tree:
             raise NotFound(f"the save image of {path[1]!r} is gone") from None
         return Node(path, Kind.SAVE, SECRET_MODE, size=st.st_size,
                     mtime_ns=_ns(snap.creation_time), blocks=st.st_blocks)
+
+    async def _disks_dir(self, path: TreePath) -> Node:
+        snap = await self._vm_snapshot(path)
+        return self._dir(path, Kind.DISKS, _ns(snap.creation_time))
+
+    async def _disk_view(self, path: TreePath) -> Node:
+        """A disk at a snapshot, as a raw image: as big as the disk, as old as the snapshot."""
+        snapshot, disk = await self._view_target(path)
+        if path[1] == DISK_DIR:
+            mtime = disk.date_sec * 1_000_000_000 + disk.date_nsec
+        else:
+            mtime = _ns((await self._vm_snapshot(path)).creation_time)
+        size, taken = (await self._read_disks(path[0])).sizes[disk.dev]
+        # The snapshot's own share of the image is not known without reading its
+        # tables; what the image takes bounds it, and is what du and tar -S need
+        # to see that a mostly empty disk is sparse.
+        return Node(path, Kind.DISK_VIEW, SECRET_MODE, size=size, mtime_ns=mtime,
+                    blocks=(min(size, taken) + 511) // 512)
+
+    async def _view_target(self, path: TreePath) -> tuple[str, DiskSnapshot]:
+        """The tag a view shows (a VM snapshot's or ``.disk/<tag>``) and its disk snapshot."""
+        tag = path[2] if path[1] == DISK_DIR else (await self._vm_snapshot(path)).disk_tag
+        dev = path[-1].removesuffix(VIEW_SUFFIX)
+        for disk in (await self._read_disks(path[0])).tags.get(tag, []):
+            if disk.dev == dev:
+                return tag, disk
+        raise NotFound(f"no disk {dev!r} in snapshot {tag!r} of {path[0]!r}")
+
+    async def _view_names(self, dom: str, tag: str) -> list[str]:
+        return [s.dev + VIEW_SUFFIX for s in (await self._read_disks(dom)).tags.get(tag, [])]
 
     async def _apply(self, path: TreePath) -> Node:
         snap = await self._vm_snapshot(path)
@@ -489,32 +565,40 @@ class Tree:
             return None
 
     async def _disk_table(self, dom: str) -> dict[str, list[DiskSnapshot]]:
-        """Every disk snapshot tag of the domain's disks, read without the domain lock.
+        """Every disk snapshot tag of the domain's disks, read without the domain lock."""
+        return (await self._read_disks(dom)).tags
+
+    async def _read_disks(self, dom: str) -> _Disks:
+        """The domain's disks: their snapshots and sizes.
 
         ``engine.disk_snapshot_list`` would wait for a running operation (and
         talk to QMP); ``qemu-img -U`` does not. Kept for ``FRESH`` seconds so
         one ``ls -l`` does not run qemu-img once per entry.
         """
         now = time.monotonic()
-        cached = self._disk_tables.get(dom)
+        cached = self._disks.get(dom)
         if cached is not None and now - cached[0] < FRESH:
             return cached[1]
         definition = await trio.to_thread.run_sync(load_domain, self.engine.dirs, dom)
-        table: dict[str, list[DiskSnapshot]] = {}
+        disks = _Disks({}, {})
         for disk in definition.disks:
             for attempt in range(DISK_TABLE_TRIES):
                 try:
-                    snaps = await list_snapshots(disk.dev, disk.file)
+                    info = await image_info(disk.file)
                     break
                 except QemuError:
                     if attempt == DISK_TABLE_TRIES - 1:
                         raise
                     await trio.sleep(0.05)
-            for snap in snaps:
+            # qemu-nbd exports a snapshot with the disk's size now (a qcow2 with
+            # snapshots can only grow; the snapshot reads as zeros past its end).
+            disks.sizes[disk.dev] = (int(info["virtual-size"]), int(info.get("actual-size", 0)))
+            for raw in info.get("snapshots", []):
+                snap = DiskSnapshot.from_qemu(disk.dev, raw)
                 if _disk_tag_ok(snap.tag):
-                    table.setdefault(snap.tag, []).append(snap)
-        self._disk_tables[dom] = (now, table)
-        return table
+                    disks.tags.setdefault(snap.tag, []).append(snap)
+        self._disks[dom] = (now, disks)
+        return disks
 
     async def _disk_tag_snapshots(self, path: TreePath) -> list[DiskSnapshot]:
         snaps = (await self._disk_table(path[0])).get(path[2])
@@ -524,7 +608,7 @@ class Tree:
 
     def _changed(self, dom: str, removed: TreePath = ()) -> None:
         """Our own verb changed the domain: forget what was read about it."""
-        self._disk_tables.pop(dom, None)
+        self._disks.pop(dom, None)
         if removed:
             for path in [p for p in self._cached if p[:len(removed)] == removed]:
                 del self._cached[path]
@@ -553,6 +637,8 @@ class Tree:
                 raise NotFound(f"the save image of {path[1]!r} is gone") from None
             opened = OpenFile(node, reader, keep_cache=self._same_as_cached(
                 path, f"{snap.save_sha256}:{node.size}:{node.mtime_ns}"))
+        elif node.kind is Kind.DISK_VIEW:
+            opened = await self._open_view(node)
         elif node.kind is Kind.STATUS:
             data = render_status(await self.engine.domain_status(path[0])).encode()
             opened = OpenFile(node, BytesReader(data), direct_io=True)
@@ -563,6 +649,20 @@ class Tree:
         opened.holder = _holder(path)
         self._open[opened.holder] += 1
         return opened
+
+    async def _open_view(self, node: Node) -> OpenFile:
+        path = node.path
+        if self.views is None:
+            raise StateError(f"{'/'.join(path)}: disk views are served by a mounted tree only")
+        self._disks.pop(path[0], None)  # the snapshot as it is now, not as listed 0.5 s ago
+        tag, disk = await self._view_target(path)
+        vm = path[1] != DISK_DIR
+        view = await self.engine.disk_view(self.views, path[0], path[1] if vm else tag,
+                                           disk.dev, vm=vm)
+        # A snapshot never changes, but a name can be deleted and taken again:
+        # the kernel's pages are kept only for the same snapshot of the same disk.
+        version = f"{view.image}:{tag}:{disk.id}:{disk.date_sec}.{disk.date_nsec}:{view.size}"
+        return OpenFile(node, ViewReader(view), keep_cache=self._same_as_cached(path, version))
 
     def _same_as_cached(self, path: TreePath, version: str) -> bool:
         """True when the kernel's pages of ``path`` (if any) hold this version."""

@@ -2,8 +2,10 @@
 
     pyfuse3.init (mount; errors reach the caller's terminal)
       -> daemonize unless --foreground (log to <run dir>/mount.log)
-      -> trio.run: READY=1 to $NOTIFY_SOCKET, serve until unmounted or signalled
+      -> trio.run: disk views (reaping what a crashed tree left), READY=1 to
+         $NOTIFY_SOCKET, serve until unmounted or signalled
       -> SIGTERM/SIGINT/SIGHUP: pyfuse3.terminate(); requests in progress finish
+      -> the disk views' qemu-nbd servers stopped
       -> pyfuse3.close(unmount=True)
 
 A crash leaves the mount in place (``close(unmount=False)``), as borg does: an
@@ -24,6 +26,7 @@ import pyfuse3
 import trio
 
 from ..config import Dirs
+from ..diskview import DiskViews
 from ..engine import Engine
 from ..errors import NotFound, SnapfsError
 from .fs import Operations
@@ -113,7 +116,7 @@ def mount(dirs: Dirs, mountpoint: Path, *, foreground: bool = False,
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     logger.info("snapfs mounted on %s (pid %d)", mountpoint, os.getpid())
     try:
-        trio.run(_serve, engine, str(mountpoint))
+        trio.run(_serve, operations.tree, str(mountpoint))
     except BaseException:
         logger.critical("the tree on %s crashed; it stays mounted but dead: "
                         "`fusermount3 -u %s` clears it", mountpoint, mountpoint, exc_info=True)
@@ -124,7 +127,18 @@ def mount(dirs: Dirs, mountpoint: Path, *, foreground: bool = False,
     return 0
 
 
-async def _serve(engine: Engine, mountpoint: str) -> None:
+async def _serve(tree: Tree, mountpoint: str) -> None:
+    # Made here, in the serving process and its Trio run: the views' qemu-nbd
+    # servers are its children and die with it (see diskview).
+    async with DiskViews(tree.engine.dirs.run) as views:
+        tree.views = views
+        try:
+            await _serve_tree(tree.engine, mountpoint)
+        finally:
+            tree.views = None
+
+
+async def _serve_tree(engine: Engine, mountpoint: str) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(_stop_on_signal, mountpoint)
         # Operations a killed snapfs process left half done are settled before
