@@ -392,6 +392,16 @@ class Engine:
                     raise Busy(f"snapshot {tag!r} of disk {disk.dev} is open as a disk view; "
                                "close it first")
 
+    async def _refuse_exported_undo(self, dom: DomainDef, store: Store) -> None:
+        """An apply replaces ``.undo`` and so deletes its disk snapshots: not while viewed."""
+        if not await trio.to_thread.run_sync(store.exists, UNDO):
+            return
+        undo = await trio.to_thread.run_sync(store.read, UNDO)
+        for disk in dom.disks:
+            if exported(self.dirs.run, disk.file, undo.disk_tag):
+                raise Busy(f"{UNDO} (what the last apply replaced) is open as a disk view "
+                           f"({disk.dev}), and this apply would replace it; close it first")
+
     @asynccontextmanager
     async def _maybe_monitor(self, dom: DomainDef, running: bool) -> AsyncIterator[qmp.Monitor | None]:
         if not running:
@@ -704,6 +714,7 @@ class Engine:
             store = self._store(dom)
             snap = await trio.to_thread.run_sync(store.read, snapshot)
             target = await self._check_applicable(dom, snap)
+            await self._refuse_exported_undo(dom, store)
             await self._require_qcow2(dom)
             state = await self._state_now(dom)
             undo_tag = f".undo-{time.time_ns()}"

@@ -433,6 +433,32 @@ async def test_disk_views_show_the_disks_as_they_were(
         await rmdir(ops, DOM, "old")
 
 
+async def test_an_apply_that_would_replace_a_viewed_undo_is_ebusy(
+        ops: Operations, views: DiskViews) -> None:
+    await mkdir(ops, DOM, "back")
+    try:
+        async def apply() -> None:
+            fh = (await ops.open((await walk(ops, f"{DOM}/back/apply")).st_ino,
+                                 os.O_WRONLY, None)).fh
+            try:
+                await ops.write(fh, 0, b"running\n")
+            finally:
+                await ops.release(fh)
+        await apply()
+        undo = await ops.open((await walk(ops, f"{DOM}/.undo/disks/vda.raw")).st_ino,
+                              os.O_RDONLY, None)
+        try:
+            before = await ops.read(undo.fh, 0, 4096)
+            await fails(errno.EBUSY, apply())
+            assert ".undo" in (await status(ops))["last_error"]
+            assert await ops.read(undo.fh, 0, 4096) == before
+        finally:
+            await ops.release(undo.fh)
+        await apply()
+    finally:
+        await rmdir(ops, DOM, "back")
+
+
 async def read_view(ops: Operations, path: str, offset: int, size: int) -> bytes:
     info = await ops.open((await walk(ops, path)).st_ino, os.O_RDONLY, None)
     try:
