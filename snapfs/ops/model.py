@@ -490,7 +490,7 @@ class Tree:
 
     async def _disk_view(self, path: TreePath) -> Node:
         """A disk at a snapshot, as a raw image: as big as the disk, as old as the snapshot."""
-        snapshot, disk = await self._view_target(path)
+        _, disk = await self._view_target(path)
         if path[1] == DISK_DIR:
             mtime = disk.date_sec * 1_000_000_000 + disk.date_nsec
         else:
@@ -590,8 +590,8 @@ class Tree:
                     if attempt == DISK_TABLE_TRIES - 1:
                         raise
                     await trio.sleep(0.05)
-            # qemu-nbd exports a snapshot with the disk's size now (a qcow2 with
-            # snapshots can only grow; the snapshot reads as zeros past its end).
+            # qemu-nbd (as qemu-img convert -l) exports a snapshot with the disk's
+            # size now: a disk resized since is cut, or reads zeros past the end.
             disks.sizes[disk.dev] = (int(info["virtual-size"]), int(info.get("actual-size", 0)))
             for raw in info.get("snapshots", []):
                 snap = DiskSnapshot.from_qemu(disk.dev, raw)
