@@ -48,7 +48,7 @@ def _clock(sec: int, nsec: int) -> str:
 def _print_table(rows: list[list[str]], header: list[str]) -> None:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
 def _json(value: Any) -> None:

@@ -77,7 +77,7 @@ from typing import IO, Any
 import trio
 
 try:  # Debian's python3-libnbd; only needed to actually open views
-    import nbd
+    import nbd  # type: ignore[import-untyped]
 except ImportError:  # pragma: no cover - depends on the host
     nbd = None
 

@@ -175,7 +175,7 @@ class Engine:
 
     async def _formats(self, dom: DomainDef) -> dict[str, str]:
         infos = [await images.image_info(d.file) for d in dom.disks]
-        return {d.dev: info["format"] for d, info in zip(dom.disks, infos)}
+        return {d.dev: info["format"] for d, info in zip(dom.disks, infos, strict=True)}
 
     async def _require_qcow2(self, dom: DomainDef) -> None:
         for dev, fmt in (await self._formats(dom)).items():
@@ -361,16 +361,13 @@ class Engine:
                 what = f"id {id!r}"
             else:
                 what = f"name {tag!r}"
-            chosen = [s for s in snaps if s.tag == tag]
-            if not chosen:
+            if tag is None or not any(s.tag == tag for s in snaps):
                 raise NotFound(f"no disk snapshot with {what} on {name!r}")
-            store = self._store(dom)
-            for snap in {s.tag for s in chosen}:
-                owner = await trio.to_thread.run_sync(self._vm_snapshot_of_tag, store, snap)
-                if owner:
-                    raise Busy(f"disk snapshot {snap!r} belongs to VM snapshot {owner!r}; "
-                               "delete it with vm-snapshot-delete")
-            self._refuse_exported(dom, {s.tag for s in chosen})
+            owner = await trio.to_thread.run_sync(self._vm_snapshot_of_tag, self._store(dom), tag)
+            if owner:
+                raise Busy(f"disk snapshot {tag!r} belongs to VM snapshot {owner!r}; "
+                           "delete it with vm-snapshot-delete")
+            self._refuse_exported(dom, {tag})
             journal.begin("disk-snapshot-delete", tag=tag)
             journal.step("delete")
             await self._delete_tag_where_present(dom, tag)
@@ -613,9 +610,9 @@ class Engine:
         with trio.move_on_after(2):
             stop = await mon.wait_event({"STOP"})
             resume = await mon.wait_event({"RESUME"})
-            stamp = [e["timestamp"]["seconds"] + e["timestamp"]["microseconds"] / 1e6
+            stamp = [float(e["timestamp"]["seconds"]) + e["timestamp"]["microseconds"] / 1e6
                      for e in (stop, resume)]
-            return round((stamp[1] - stamp[0]) * 1000, 3)
+            return float(round((stamp[1] - stamp[0]) * 1000, 3))
         return -1.0
 
     async def _prepare_migration(self, mon: qmp.Monitor, name: str, live: bool) -> bool:

@@ -18,7 +18,6 @@ import logging
 import os
 import signal
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .config import Dirs

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import pytest
 
 from conftest import Env
 from test_recovery import assert_consistent, disk_tags, info_tags, store_dir
