@@ -219,13 +219,6 @@ def test_a_view_is_its_snapshot_while_the_guest_writes_on(vt: Tree, tmp_path: Pa
         sh(f"rmdir {vt.mnt}/vw/busy")
 
 
-def test_the_tree_reads_ahead_in_large_steps(vt: Tree) -> None:
-    """Set after FUSE's INIT, whose answer would put it back to 128 KiB."""
-    st = os.stat(vt.mnt)
-    bdi = Path(f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb")
-    assert bdi.read_text().strip() == "4096"
-
-
 def test_a_snapshot_taken_before_the_disk_was_overwritten_reads_the_old_bytes(
         vt: Tree, tmp_path: Path) -> None:
     """The issue's "done when": dw's vda held 0x5a at 4 MiB when it was snapshotted."""

@@ -19,7 +19,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import pyfuse3
-import trio
 from pyfuse3 import FUSEError
 
 from ..config import MAX_NAME_BYTES
@@ -118,21 +117,13 @@ class Operations(pyfuse3.Operations):
     # A write to apply must reach us at once and return when the apply is done.
     enable_writeback_cache = False
 
-    def __init__(self, tree: Tree, after_init: Callable[[], None] | None = None) -> None:
+    def __init__(self, tree: Tree) -> None:
         super().__init__()
         self.tree = tree
-        self.after_init = after_init
         self.inodes = Inodes()
         self._files: dict[int, OpenFile] = {}
         self._dirs: dict[int, list[Node]] = {}
         self._handles = itertools.count(1)
-
-    def init(self) -> None:
-        # Called while libfuse answers the kernel's INIT, and that answer still
-        # sets mount parameters (the read-ahead): ``after_init`` may change them
-        # once it is sent, at the Trio loop's next turn.
-        if self.after_init is not None:
-            trio.lowlevel.current_trio_token().run_sync_soon(self.after_init)
 
     # -- attributes ----------------------------------------------------------
 

@@ -3,8 +3,7 @@
     pyfuse3.init (mount; errors reach the caller's terminal)
       -> daemonize unless --foreground (log to <run dir>/mount.log)
       -> trio.run: disk views (reaping what a crashed tree left), READY=1 to
-         $NOTIFY_SOCKET, serve until unmounted or signalled (after FUSE's
-         INIT: read-ahead raised)
+         $NOTIFY_SOCKET, serve until unmounted or signalled
       -> SIGTERM/SIGINT/SIGHUP: pyfuse3.terminate(); requests in progress finish
       -> the disk views' qemu-nbd servers stopped
       -> pyfuse3.close(unmount=True)
@@ -17,7 +16,6 @@ copies; ``fusermount3 -u`` clears the dead mount.
 from __future__ import annotations
 
 import faulthandler
-import functools
 import logging
 import os
 import signal
@@ -39,11 +37,6 @@ __all__ = ["mount", "notify"]
 logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-# The kernel reads ahead 128 KiB in a FUSE file by default: one 128 KiB request
-# at a time, and a disk view's next NBD read starts only when the reader is
-# already waiting for it. 4 MiB keeps up to four 1 MiB requests ahead of the
-# reader (dd of a view: ~600 -> ~800 MiB/s here); more gained nothing.
-READ_AHEAD_KB = 4096
 
 
 def notify(message: str) -> None:
@@ -82,26 +75,6 @@ def _check_mountpoint(mountpoint: Path) -> None:
         raise SnapfsError(f"{mountpoint} is already a mount point")
 
 
-def _raise_read_ahead(resolved: str) -> None:
-    """Set the read-ahead of the tree mounted at ``resolved`` (a path without symlinks).
-
-    The mount has a backing device of its own (``/sys/class/bdi/0:N``), found in
-    mountinfo: a ``stat`` of the mount point would wait for this very process to
-    answer. Root only; without it, the default stays. Run after FUSE's INIT,
-    whose answer sets the read-ahead too.
-    """
-    where = resolved
-    for char in "\\ \t\n":     # as mountinfo escapes them
-        where = where.replace(char, f"\\{ord(char):03o}")
-    try:
-        with open("/proc/self/mountinfo") as mounts:
-            fields = [line.split() for line in mounts]
-        device = next(f[2] for f in reversed(fields) if len(f) > 4 and f[4] == where)
-        Path(f"/sys/class/bdi/{device}/read_ahead_kb").write_text(f"{READ_AHEAD_KB}\n")
-    except (OSError, StopIteration) as err:
-        logger.debug("read-ahead of %s left as it was: %s", resolved, err)
-
-
 def _daemonize(log: Path) -> None:
     """Detach from the terminal; stdout and stderr (faulthandler too) go to ``log``."""
     if os.fork():
@@ -128,11 +101,9 @@ def mount(dirs: Dirs, mountpoint: Path, *, foreground: bool = False,
     """
     mountpoint = mountpoint.absolute()
     _check_mountpoint(mountpoint)
-    resolved = os.path.realpath(mountpoint)     # before mounting: realpath stats the path
     dirs.ensure()
     engine = Engine(dirs)
-    operations = Operations(Tree(engine), after_init=functools.partial(_raise_read_ahead,
-                                                                      resolved))
+    operations = Operations(Tree(engine))
     try:
         pyfuse3.init(operations, str(mountpoint), _options(allow_other))
     except RuntimeError as err:
