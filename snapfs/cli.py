@@ -224,8 +224,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    # Without -v a failure is the one line main() prints; the log is for -v and the tree.
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.CRITICAL,
+    # A command's failure is the one line main() prints, so it logs only with -v;
+    # the tree's log is where the reasons of failed verbs go.
+    quiet = logging.INFO if args.command == "mount" else logging.CRITICAL
+    logging.basicConfig(level=logging.DEBUG if args.verbose else quiet,
                         format="snapfs: %(levelname)s: %(name)s: %(message)s")
     if not args.verbose:
         # qemu.qmp logs connection failures itself; snapfs reports them in its own words.

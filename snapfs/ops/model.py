@@ -54,7 +54,7 @@ from ..config import check_snapshot_name, load_domain
 from ..diskview import DiskView, DiskViewError, DiskViews
 from ..engine import DomainStatus, Engine, Progress
 from ..errors import Busy, NotFound, QemuError, SnapfsError, StateError
-from ..images import DiskSnapshot, image_info
+from ..images import DiskSnapshot, stable_info
 from ..store import UNDO, Store, VmSnapshot, format_info
 
 __all__ = ["Tree", "Node", "Kind", "OpenFile", "Reader", "ReadOnly", "TreePath", "FRESH"]
@@ -73,7 +73,6 @@ FRESH = 0.5
 RELEASE_GRACE = 1.0
 # qemu-img reads a running domain's snapshot table with -U while QEMU may be
 # rewriting it: a failed read is retried this many times.
-DISK_TABLE_TRIES = 3
 
 STATUS, CURRENT, DISK_DIR, INFO = ".status", ".current", ".disk", "info"
 SNAPSHOT_XL, INFO_JSON, CONFIG, SAVE, DISKS, APPLY = (
@@ -582,14 +581,7 @@ class Tree:
         definition = await trio.to_thread.run_sync(load_domain, self.engine.dirs, dom)
         disks = _Disks({}, {})
         for disk in definition.disks:
-            for attempt in range(DISK_TABLE_TRIES):
-                try:
-                    info = await image_info(disk.file)
-                    break
-                except QemuError:
-                    if attempt == DISK_TABLE_TRIES - 1:
-                        raise
-                    await trio.sleep(0.05)
+            info = await stable_info(disk.file)
             # qemu-nbd (as qemu-img convert -l) exports a snapshot with the disk's
             # size now: a disk resized since is cut, or reads zeros past the end.
             disks.sizes[disk.dev] = (int(info["virtual-size"]), int(info.get("actual-size", 0)))
