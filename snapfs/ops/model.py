@@ -71,8 +71,6 @@ FRESH = 0.5
 # sends RELEASE only after close() has returned: let a ``cp -a src && rmdir
 # src`` through by waiting this long for the handles to go.
 RELEASE_GRACE = 1.0
-# qemu-img reads a running domain's snapshot table with -U while QEMU may be
-# rewriting it: a failed read is retried this many times.
 
 STATUS, CURRENT, DISK_DIR, INFO = ".status", ".current", ".disk", "info"
 SNAPSHOT_XL, INFO_JSON, CONFIG, SAVE, DISKS, APPLY = (
