@@ -23,8 +23,8 @@ import trio
 
 from . import domain as qemu
 from . import images, qmp
-from .config import Dirs, DomainDef, check_snapshot_name, define_domain, list_domains, \
-    load_domain, parse_domain
+from .config import Dirs, DomainDef, check_domain_name, check_snapshot_name, define_domain, \
+    list_domains, load_domain, parse_domain
 from .errors import AlreadyExists, Busy, ConfigError, NoSpace, NotFound, NotSupported, \
     QemuError, SnapfsError, StateError
 from .files import atomic_write
@@ -43,6 +43,7 @@ RESTORE_FD = "snapfs-restore"
 # one step under QEMU's global lock (DESIGN §7): lift the cap, keep steps short.
 MIGRATE_PARAMETERS = {"max-bandwidth": 1 << 40, "downtime-limit": 5}
 POLL = 0.01
+LIST_MAX_AGE = 0.5
 MODES = ("live", "paused")
 
 
@@ -90,6 +91,9 @@ class Engine:
         self.dirs = dirs
         self._local_locks: dict[str, trio.Lock] = {}
         self._running: dict[str, Progress] = {}
+        self._definitions: dict[str, tuple[tuple[int, int, int], DomainDef]] = {}
+        # Snapshot lists by domain: (store dir mtime, when read, snapshots by name).
+        self._lists: dict[str, tuple[int, float, dict[str, VmSnapshot]]] = {}
 
     # -- bookkeeping -------------------------------------------------------
 
@@ -153,6 +157,7 @@ class Engine:
                     finally:
                         journal.end()
                         self._running.pop(name, None)
+                        self._lists.pop(name, None)
                         self._op_path(name).unlink(missing_ok=True)
                 finally:
                     os.close(fd)
@@ -167,11 +172,24 @@ class Engine:
                 pass
 
     def _domain(self, name: str) -> DomainDef:
+        """The domain's definition, parsed again only when its file changed."""
         try:
-            return load_domain(self.dirs, name)
+            st = os.stat(self.dirs.domains / f"{check_domain_name(name)}.toml")
+            key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except OSError:
+            key = None
+        cached = self._definitions.get(name)
+        if key is not None and cached is not None and cached[0] == key:
+            return cached[1]
+        try:
+            dom = load_domain(self.dirs, name)
         except SnapfsError as err:
-            self.record_error(name, str(err)) if isinstance(err, ConfigError) else None
+            if isinstance(err, ConfigError):
+                self.record_error(name, str(err))
             raise
+        if key is not None:
+            self._definitions[name] = (key, dom)
+        return dom
 
     async def _formats(self, dom: DomainDef) -> dict[str, str]:
         infos = [await images.image_info(d.file) for d in dom.disks]
@@ -410,13 +428,38 @@ class Engine:
     # -- VM snapshots ------------------------------------------------------
 
     async def vm_snapshot_list(self, name: str) -> list[VmSnapshot]:
-        dom = self._domain(name)
-        await self.recover(name)
-        return await trio.to_thread.run_sync(self._store(dom).list)
+        """The domain's VM snapshots, oldest first."""
+        return list((await self._snapshots(name)).values())
 
     async def vm_snapshot_info(self, name: str, snapshot: str) -> VmSnapshot:
+        """:raise NotFound: when the domain has no such snapshot."""
+        if snapshot not in (UNDO, UNDO_NEXT):
+            snap = (await self._snapshots(name)).get(snapshot)
+            if snap is not None:
+                return snap
         dom = self._domain(name)
         return await trio.to_thread.run_sync(self._store(dom).read, snapshot)
+
+    async def _snapshots(self, name: str) -> dict[str, VmSnapshot]:
+        """Every info file of the domain, read again when the store dir changed.
+
+        The store dir's mtime changes with every snapshot made or removed, by
+        any process; LIST_MAX_AGE bounds what a coarse timestamp could hide.
+        """
+        dom = self._domain(name)
+        await self.recover(name)
+        store = self._store(dom)
+        try:
+            mtime = (await trio.to_thread.run_sync(os.stat, store.dir)).st_mtime_ns
+        except FileNotFoundError:
+            return {}
+        cached = self._lists.get(name)
+        if cached is not None and cached[0] == mtime and time.monotonic() - cached[1] < LIST_MAX_AGE:
+            return cached[2]
+        now = time.monotonic()
+        snaps = {s.name: s for s in await trio.to_thread.run_sync(store.list)}
+        self._lists[name] = (mtime, now, snaps)
+        return snaps
 
     def snapshot_config_path(self, name: str, snapshot: str) -> Path:
         return self._store(self._domain(name)).config_path(snapshot)
