@@ -31,7 +31,7 @@ from .files import atomic_write
 from .images import DiskSnapshot
 from .diskview import DiskView, DiskViewError, DiskViews, exported
 from .journal import Entry, Journal
-from .store import UNDO, UNDO_NEXT, Store, VmSnapshot, sha256_file
+from .store import UNDO, UNDO_NEXT, GrowingHash, Store, VmSnapshot, sha256_file
 
 __all__ = ["Engine", "DomainStatus", "Progress"]
 
@@ -597,6 +597,7 @@ class Engine:
         tmp = save.with_name(f".{save.name}.tmp")
         tmp.unlink(missing_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        hashing = GrowingHash(tmp)
         try:
             async with qmp.connect(qemu.Paths(self.dirs, dom.name).qmp) as mon:
                 state = await qemu.run_state(mon)
@@ -620,7 +621,7 @@ class Engine:
                     await self._resume(mon, state)
                     pause_ms = await self._pause_ms(mon) if state == "running" else 0.0
                     await trio.to_thread.run_sync(os.fsync, fd)
-                    size, digest = await trio.to_thread.run_sync(sha256_file, tmp)
+                    size, digest = await trio.to_thread.run_sync(hashing.result)
                 except BaseException as err:
                     with trio.CancelScope(shield=True):
                         await self._abort_save(mon, dom, tag if tagged else None, state)
@@ -629,6 +630,7 @@ class Engine:
                                       "partial files removed, domain left as it was") from err
                     raise
         except BaseException:
+            hashing.cancel()
             tmp.unlink(missing_ok=True)
             raise
         finally:

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import re
+import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from .config import Dirs, check_snapshot_name
 from .errors import ConfigError, NotFound
 from .files import atomic_write, read_text_nofollow
 
-__all__ = ["VmSnapshot", "Store", "format_info", "parse_info", "sha256_file"]
+__all__ = ["VmSnapshot", "Store", "GrowingHash", "format_info", "parse_info", "sha256_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +123,57 @@ def sha256_file(path: Path) -> tuple[int, str]:
             digest.update(view[:n])
             size += n
     return size, digest.hexdigest()
+
+
+class GrowingHash:
+    """sha256 of a file read while another process still writes it (a save image
+    QEMU is writing), so the hash is ready moments after the last byte lands
+    instead of costing a second pass over the file."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._written = threading.Event()
+        self._stop = False
+        self._result: tuple[int, str] | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="snapfs-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        digest = hashlib.sha256()
+        size = 0
+        buf = bytearray(8 << 20)
+        view = memoryview(buf)
+        try:
+            with open(self._path, "rb", buffering=0) as f:
+                while not self._stop:
+                    # Whatever is read after ``written`` was set is the end.
+                    last = self._written.is_set()
+                    n = f.readinto(buf)
+                    if n:
+                        digest.update(view[:n])
+                        size += n
+                    elif last:
+                        self._result = (size, digest.hexdigest())
+                        return
+                    else:
+                        self._written.wait(0.005)
+        except BaseException as err:  # handed to result()
+            self._error = err
+
+    def result(self) -> tuple[int, str]:
+        """Size and sha256, once the writer is done (blocking: call from a thread)."""
+        self._written.set()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+    def cancel(self) -> None:
+        self._stop = True
+        self._written.set()
+        self._thread.join()
 
 
 class Store:
