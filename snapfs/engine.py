@@ -191,6 +191,10 @@ class Engine:
             self._definitions[name] = (key, dom)
         return dom
 
+    def domain(self, name: str) -> DomainDef:
+        """The domain's definition (cached by its file's stat, as every operation reads it)."""
+        return self._domain(name)
+
     async def _formats(self, dom: DomainDef) -> dict[str, str]:
         infos = [await images.image_info(d.file) for d in dom.disks]
         return {d.dev: info["format"] for d, info in zip(dom.disks, infos, strict=True)}
