@@ -50,7 +50,7 @@ from typing import Protocol
 
 import trio
 
-from ..config import check_snapshot_name, load_domain
+from ..config import DOMAIN_NAME, check_snapshot_name
 from ..diskview import DiskView, DiskViewError, DiskViews
 from ..engine import DomainStatus, Engine, Progress
 from ..errors import Busy, NotFound, QemuError, SnapfsError, StateError
@@ -71,6 +71,8 @@ FRESH = 0.5
 # sends RELEASE only after close() has returned: let a ``cp -a src && rmdir
 # src`` through by waiting this long for the handles to go.
 RELEASE_GRACE = 1.0
+# config.toml files kept read (a few KiB each); the cache starts again past this.
+CONFIG_CACHE_MAX = 10_000
 
 STATUS, CURRENT, DISK_DIR, INFO = ".status", ".current", ".disk", "info"
 SNAPSHOT_XL, INFO_JSON, CONFIG, SAVE, DISKS, APPLY = (
@@ -339,6 +341,11 @@ class Tree:
         self._open: Counter[TreePath] = Counter()
         self._released = trio.Event()
         self._cached: dict[TreePath, str] = {}
+        # The engine's snapshot list by domain: (store dir mtime, when read, snapshots
+        # by name), so a lookup is a stat and a dict lookup, not a worker thread.
+        self._snaps: dict[str, tuple[int, float, dict[str, VmSnapshot]]] = {}
+        # A snapshot's config.toml, read once: (the snapshot it was read for, bytes).
+        self._configs: dict[TreePath, tuple[VmSnapshot, bytes]] = {}
         self._builders: dict[Kind, Callable[[TreePath], Awaitable[Node]]] = {
             Kind.ROOT: self._root, Kind.DOMAIN: self._domain, Kind.STATUS: self._status,
             Kind.CURRENT: self._current, Kind.DISK_SNAPSHOTS: self._disk_snapshots,
@@ -354,9 +361,14 @@ class Tree:
     async def get(self, path: TreePath) -> Node:
         """The node at ``path``. :raise NotFound: when there is none (any more)."""
         kind = _shape(path)
-        if kind is None or (path and path[0] not in self.engine.domain_names()):
+        if kind is None or (path and not self._domain_exists(path[0])):
             raise NotFound(f"no entry {'/'.join(path)!r} in the tree")
         return await self._builders[kind](path)
+
+    def _domain_exists(self, name: str) -> bool:
+        """``name in engine.domain_names()``, without listing the domains dir."""
+        return DOMAIN_NAME.fullmatch(name) is not None and \
+            (self.engine.dirs.domains / f"{name}.toml").exists()
 
     async def lookup(self, parent: TreePath, name: bytes) -> Node:
         return await self.get((*parent, _decode(name)))
@@ -373,7 +385,7 @@ class Tree:
         elif node.kind is Kind.DOMAIN:
             names = [STATUS, CURRENT, DISK_DIR, UNDO]
             snapshots = [self._snapshot_node((*path, s.name), s)
-                         for s in await self.engine.vm_snapshot_list(path[0])]
+                         for s in (await self._snapshot_map(path[0])).values()]
         elif node.kind is Kind.DISK_SNAPSHOTS:
             names = sorted(await self._disk_table(path[0]))
         elif node.kind is Kind.DISK_TAG:
@@ -419,7 +431,7 @@ class Tree:
 
     async def _domain(self, path: TreePath) -> Node:
         dom = path[0]
-        snaps = await self.engine.vm_snapshot_list(dom)
+        snaps = list((await self._snapshot_map(dom)).values())
         undo = await self._undo(dom)
         try:
             defined = (await trio.to_thread.run_sync(
@@ -531,11 +543,18 @@ class Tree:
             table = await self._disk_table(path[0])
             disk_snaps = [s for snaps in table.values() for s in snaps]
             return render_info_json(snap, disk_snaps).encode(), mtime
+        cached = self._configs.get(path[:2])
+        if cached is not None and cached[0] == snap:
+            return cached[1], mtime
         config = self.engine.snapshot_config_path(path[0], path[1])
         try:
-            return await trio.to_thread.run_sync(config.read_bytes), mtime
+            data = await trio.to_thread.run_sync(config.read_bytes)
         except FileNotFoundError:
             raise NotFound(f"snapshot {path[1]!r} of {path[0]!r} has no saved definition") from None
+        if len(self._configs) >= CONFIG_CACHE_MAX:
+            self._configs.clear()
+        self._configs[path[:2]] = (snap, data)
+        return data, mtime
 
     async def _vm_snapshot(self, path: TreePath) -> VmSnapshot:
         dom, name = path[0], path[1]
@@ -544,7 +563,32 @@ class Tree:
                 check_snapshot_name(name)
             except SnapfsError:
                 raise NotFound(f"no VM snapshot named {name!r}") from None
+            snap = (await self._snapshot_map(dom)).get(name)
+            if snap is not None:
+                return snap
         return await self.engine.vm_snapshot_info(dom, name)
+
+    async def _snapshot_map(self, dom: str) -> dict[str, VmSnapshot]:
+        """The domain's VM snapshots by name, oldest first.
+
+        The engine's list, kept here while the store dir's mtime is the same and
+        for at most ``FRESH`` seconds (as the engine keeps it): one ``ls -l`` or
+        ``find`` then makes a stat per lookup, not a worker-thread call.
+        """
+        store_dir = Store(self.engine.dirs, self.engine.domain(dom).uuid).dir
+        now = time.monotonic()
+        try:
+            mtime: int | None = os.stat(store_dir).st_mtime_ns
+        except FileNotFoundError:
+            mtime = None
+        cached = self._snaps.get(dom)
+        if cached is not None and cached[0] == mtime and now - cached[1] < FRESH:
+            await trio.lowlevel.checkpoint()
+            return cached[2]
+        snaps = {s.name: s for s in await self.engine.vm_snapshot_list(dom)}
+        if mtime is not None:
+            self._snaps[dom] = (mtime, now, snaps)
+        return snaps
 
     async def _current_name(self, dom: str) -> str:
         """The snapshot last created or applied.
@@ -552,7 +596,7 @@ class Tree:
         Read from the store: ``engine.domain_status`` has it too, but asks QEMU
         for the run state as well, a QMP session per lookup of ``.current``.
         """
-        definition = await trio.to_thread.run_sync(load_domain, self.engine.dirs, dom)
+        definition = self.engine.domain(dom)
         return await trio.to_thread.run_sync(Store(self.engine.dirs, definition.uuid).current)
 
     async def _undo(self, dom: str) -> VmSnapshot | None:
@@ -576,7 +620,7 @@ class Tree:
         cached = self._disks.get(dom)
         if cached is not None and now - cached[0] < FRESH:
             return cached[1]
-        definition = await trio.to_thread.run_sync(load_domain, self.engine.dirs, dom)
+        definition = self.engine.domain(dom)
         disks = _Disks({}, {})
         for disk in definition.disks:
             info = await stable_info(disk.file)
@@ -599,6 +643,7 @@ class Tree:
     def _changed(self, dom: str, removed: TreePath = ()) -> None:
         """Our own verb changed the domain: forget what was read about it."""
         self._disks.pop(dom, None)
+        self._snaps.pop(dom, None)
         if removed:
             for path in [p for p in self._cached if p[:len(removed)] == removed]:
                 del self._cached[path]
