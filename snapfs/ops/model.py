@@ -71,6 +71,10 @@ FRESH = 0.5
 # sends RELEASE only after close() has returned: let a ``cp -a src && rmdir
 # src`` through by waiting this long for the handles to go.
 RELEASE_GRACE = 1.0
+# How old the store dir's mtime must be for a snapshot list read after it to be
+# kept as long as the mtime stays the same (more than FRESH, the engine's own
+# bound on its list's age, plus the file system's timestamp granularity).
+SETTLED = 1.0
 # config.toml files kept read (a few KiB each); the cache starts again past this.
 CONFIG_CACHE_MAX = 10_000
 
@@ -262,6 +266,15 @@ def _holder(path: TreePath) -> TreePath:
     return path[:2] if len(path) >= 3 else ()
 
 
+def _stat_key(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a file is written, replaced or resized; None if it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def _decode(name: bytes) -> str:
     try:
         return name.decode("utf-8")
@@ -337,13 +350,16 @@ class Tree:
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
         self.started_ns = time.time_ns()
-        self._disks: dict[str, tuple[float, _Disks]] = {}
+        # By domain: (when read, the disk files' stat keys, whether settled, disks).
+        self._disks: dict[str, tuple[float, tuple[tuple[int, int, int] | None, ...], bool,
+                                     _Disks]] = {}
         self._open: Counter[TreePath] = Counter()
         self._released = trio.Event()
         self._cached: dict[TreePath, str] = {}
-        # The engine's snapshot list by domain: (store dir mtime, when read, snapshots
-        # by name), so a lookup is a stat and a dict lookup, not a worker thread.
-        self._snaps: dict[str, tuple[int, float, dict[str, VmSnapshot]]] = {}
+        # The engine's snapshot list by domain: (store dir mtime, when read, whether
+        # that mtime is settled, snapshots by name), so a lookup is a stat and a
+        # dict lookup, not a worker thread.
+        self._snaps: dict[str, tuple[int, float, bool, dict[str, VmSnapshot]]] = {}
         # A snapshot's config.toml, read once: (the snapshot it was read for, bytes).
         self._configs: dict[TreePath, tuple[VmSnapshot, bytes]] = {}
         self._builders: dict[Kind, Callable[[TreePath], Awaitable[Node]]] = {
@@ -571,23 +587,30 @@ class Tree:
     async def _snapshot_map(self, dom: str) -> dict[str, VmSnapshot]:
         """The domain's VM snapshots by name, oldest first.
 
-        The engine's list, kept here while the store dir's mtime is the same and
-        for at most ``FRESH`` seconds (as the engine keeps it): one ``ls -l`` or
-        ``find`` then makes a stat per lookup, not a worker-thread call.
+        The engine's list, kept here while the store dir's mtime is the same: one
+        ``ls -l`` or ``find`` then makes a stat per lookup, not a worker-thread
+        call. Every change to the store (a snapshot made, removed or renamed, by
+        any process) creates, renames or unlinks a file there, which sets the
+        dir's mtime. A coarse timestamp could hide a change made in the same
+        tick as the last one, so a list is kept at most ``FRESH`` seconds (as the
+        engine keeps it) unless that mtime was ``SETTLED`` seconds old before
+        the list was asked for: a later change would then bear a later mtime.
         """
         store_dir = Store(self.engine.dirs, self.engine.domain(dom).uuid).dir
-        now = time.monotonic()
+        now, wall = time.monotonic(), time.time_ns()
         try:
             mtime: int | None = os.stat(store_dir).st_mtime_ns
         except FileNotFoundError:
             mtime = None
         cached = self._snaps.get(dom)
-        if cached is not None and cached[0] == mtime and now - cached[1] < FRESH:
+        if cached is not None and cached[0] == mtime and (cached[2] or now - cached[1] < FRESH):
             await trio.lowlevel.checkpoint()
-            return cached[2]
+            return cached[3]
         snaps = {s.name: s for s in await self.engine.vm_snapshot_list(dom)}
         if mtime is not None:
-            self._snaps[dom] = (mtime, now, snaps)
+            # The engine's own list may be up to FRESH seconds older than this call.
+            settled = wall - mtime > _ns(SETTLED)
+            self._snaps[dom] = (mtime, now, settled, snaps)
         return snaps
 
     async def _current_name(self, dom: str) -> str:
@@ -614,13 +637,19 @@ class Tree:
 
         ``engine.disk_snapshot_list`` would wait for a running operation (and
         talk to QMP); ``qemu-img -U`` does not. Kept for ``FRESH`` seconds so
-        one ``ls -l`` does not run qemu-img once per entry.
+        one ``ls -l`` does not run qemu-img once per entry, and longer while no
+        image file changed (a snapshot made or removed, a write, a resize all
+        set its mtime) if their mtimes were ``SETTLED`` when it was read: with
+        a thousand snapshots qemu-img takes a tenth of a second.
         """
-        now = time.monotonic()
-        cached = self._disks.get(dom)
-        if cached is not None and now - cached[0] < FRESH:
-            return cached[1]
+        now, wall = time.monotonic(), time.time_ns()
         definition = self.engine.domain(dom)
+        keys = tuple(_stat_key(disk.file) for disk in definition.disks)
+        cached = self._disks.get(dom)
+        if cached is not None and (now - cached[0] < FRESH or (cached[2] and cached[1] == keys)):
+            await trio.lowlevel.checkpoint()
+            return cached[3]
+        settled = all(key is not None and wall - key[1] > _ns(SETTLED) for key in keys)
         disks = _Disks({}, {})
         for disk in definition.disks:
             info = await stable_info(disk.file)
@@ -631,7 +660,7 @@ class Tree:
                 snap = DiskSnapshot.from_qemu(disk.dev, raw)
                 if _disk_tag_ok(snap.tag):
                     disks.tags.setdefault(snap.tag, []).append(snap)
-        self._disks[dom] = (now, disks)
+        self._disks[dom] = (now, keys, settled, disks)
         return disks
 
     async def _disk_tag_snapshots(self, path: TreePath) -> list[DiskSnapshot]:
