@@ -350,6 +350,7 @@ class Tree:
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
         self.started_ns = time.time_ns()
+        self._domains_dir = str(engine.dirs.domains)
         # By domain: (when read, the disk files' stat keys, whether settled, disks).
         self._disks: dict[str, tuple[float, tuple[tuple[int, int, int] | None, ...], bool,
                                      _Disks]] = {}
@@ -360,6 +361,7 @@ class Tree:
         # that mtime is settled, snapshots by name), so a lookup is a stat and a
         # dict lookup, not a worker thread.
         self._snaps: dict[str, tuple[int, float, bool, dict[str, VmSnapshot]]] = {}
+        self._store_dirs: dict[str, str] = {}     # domain uuid -> its store dir
         # A snapshot's config.toml, read once: (the snapshot it was read for, bytes).
         self._configs: dict[TreePath, tuple[VmSnapshot, bytes]] = {}
         self._builders: dict[Kind, Callable[[TreePath], Awaitable[Node]]] = {
@@ -384,7 +386,7 @@ class Tree:
     def _domain_exists(self, name: str) -> bool:
         """``name in engine.domain_names()``, without listing the domains dir."""
         return DOMAIN_NAME.fullmatch(name) is not None and \
-            (self.engine.dirs.domains / f"{name}.toml").exists()
+            os.path.exists(f"{self._domains_dir}/{name}.toml")
 
     async def lookup(self, parent: TreePath, name: bytes) -> Node:
         return await self.get((*parent, _decode(name)))
@@ -556,8 +558,8 @@ class Tree:
         if kind is Kind.SNAPSHOT_XL:
             return format_info(snap).encode(), mtime
         if kind is Kind.INFO_JSON:
-            table = await self._disk_table(path[0])
-            disk_snaps = [s for snaps in table.values() for s in snaps]
+            # Only the snapshot's own tag is shown: not every tag of the domain each time.
+            disk_snaps = (await self._disk_table(path[0])).get(snap.disk_tag, [])
             return render_info_json(snap, disk_snaps).encode(), mtime
         cached = self._configs.get(path[:2])
         if cached is not None and cached[0] == snap:
@@ -596,7 +598,10 @@ class Tree:
         engine keeps it) unless that mtime was ``SETTLED`` seconds old before
         the list was asked for: a later change would then bear a later mtime.
         """
-        store_dir = Store(self.engine.dirs, self.engine.domain(dom).uuid).dir
+        uuid = self.engine.domain(dom).uuid
+        store_dir = self._store_dirs.get(uuid)
+        if store_dir is None:
+            store_dir = self._store_dirs[uuid] = str(Store(self.engine.dirs, uuid).dir)
         now, wall = time.monotonic(), time.time_ns()
         try:
             mtime: int | None = os.stat(store_dir).st_mtime_ns
