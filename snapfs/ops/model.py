@@ -412,9 +412,17 @@ class Tree:
             snap = await self._vm_snapshot(path)
             names = await self._view_names(path[0], snap.disk_tag)
         else:
+            # A snapshot's files, all from the one snapshot read here.
             snap = await self._vm_snapshot(path)
             names = [SNAPSHOT_XL, INFO_JSON, CONFIG] + ([SAVE] if snap.save else []) + \
                 [DISKS, APPLY]
+            files = []
+            for name in names:
+                try:
+                    files.append(await self._snapshot_file((*path, name), snap))
+                except NotFound:
+                    continue  # the save image removed since the listing
+            return files
         nodes = []
         for name in names:
             try:
@@ -494,14 +502,24 @@ class Tree:
     def _snapshot_node(self, path: TreePath, snap: VmSnapshot) -> Node:
         return self._dir(path, Kind.SNAPSHOT, _ns(snap.creation_time), subdirs=1)
 
-    async def _generated(self, path: TreePath) -> Node:
+    async def _snapshot_file(self, path: TreePath, snap: VmSnapshot) -> Node:
+        kind = SNAPSHOT_FILES[path[2]]
+        if kind is Kind.SAVE:
+            return await self._save(path, snap)
+        if kind is Kind.DISKS:
+            return await self._disks_dir(path, snap)
+        if kind is Kind.APPLY:
+            return await self._apply(path, snap)
+        return await self._generated(path, snap)
+
+    async def _generated(self, path: TreePath, snap: VmSnapshot | None = None) -> Node:
         kind = _shape(path)
         assert kind is not None
-        data, mtime = await self._render(path, kind)
+        data, mtime = await self._render(path, kind, snap)
         return Node(path, kind, FILE_MODE, size=len(data), mtime_ns=mtime)
 
-    async def _save(self, path: TreePath) -> Node:
-        snap = await self._vm_snapshot(path)
+    async def _save(self, path: TreePath, snap: VmSnapshot | None = None) -> Node:
+        snap = snap or await self._vm_snapshot(path)
         if snap.save is None:
             raise NotFound(f"snapshot {path[1]!r} of {path[0]!r} was taken shut off: no save image")
         try:
@@ -511,8 +529,8 @@ class Tree:
         return Node(path, Kind.SAVE, SECRET_MODE, size=st.st_size,
                     mtime_ns=_ns(snap.creation_time), blocks=st.st_blocks)
 
-    async def _disks_dir(self, path: TreePath) -> Node:
-        snap = await self._vm_snapshot(path)
+    async def _disks_dir(self, path: TreePath, snap: VmSnapshot | None = None) -> Node:
+        snap = snap or await self._vm_snapshot(path)
         return self._dir(path, Kind.DISKS, _ns(snap.creation_time))
 
     async def _disk_view(self, path: TreePath) -> Node:
@@ -541,19 +559,20 @@ class Tree:
     async def _view_names(self, dom: str, tag: str) -> list[str]:
         return [s.dev + VIEW_SUFFIX for s in (await self._read_disks(dom)).tags.get(tag, [])]
 
-    async def _apply(self, path: TreePath) -> Node:
-        snap = await self._vm_snapshot(path)
+    async def _apply(self, path: TreePath, snap: VmSnapshot | None = None) -> Node:
+        snap = snap or await self._vm_snapshot(path)
         return Node(path, Kind.APPLY, APPLY_MODE, mtime_ns=_ns(snap.creation_time))
 
     # -- contents ------------------------------------------------------------
 
-    async def _render(self, path: TreePath, kind: Kind) -> tuple[bytes, int]:
+    async def _render(self, path: TreePath, kind: Kind,
+                      snap: VmSnapshot | None = None) -> tuple[bytes, int]:
         """A generated file's bytes and mtime."""
         if kind is Kind.DISK_INFO:
             snaps = await self._disk_tag_snapshots(path[:3])
             newest = max(s.date_sec * 1_000_000_000 + s.date_nsec for s in snaps)
             return render_disk_info(snaps).encode(), newest
-        snap = await self._vm_snapshot(path)
+        snap = snap or await self._vm_snapshot(path)
         mtime = _ns(snap.creation_time)
         if kind is Kind.SNAPSHOT_XL:
             return format_info(snap).encode(), mtime
