@@ -302,7 +302,10 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
         self.inodes.path(inode)
-        raise FUSEError(pyfuse3.ENOATTR)
+        # ENOSYS makes the kernel answer ENOTSUP itself from now on, without asking:
+        # `ls -l` asks for an SELinux label and two ACLs per entry, 3,000 round
+        # trips for 1,000 snapshots (145 ms of it), then none.
+        raise FUSEError(errno.ENOSYS)
 
     @_handler
     async def listxattr(self, inode: int, ctx: Any = None) -> list[bytes]:
