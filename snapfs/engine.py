@@ -618,7 +618,7 @@ class Engine:
                     tagged = True
                     journal.step(prefix + "migrate")
                     await mon.execute("migrate", {"uri": f"fd:{SAVE_FD}"})
-                    await self._wait_migration(mon, dom.name)
+                    await self._wait_migration(mon, dom.name, fd)
                     journal.step(prefix + "resume")
                     if state != "running":
                         await self._reactivate_paused(mon)
@@ -683,7 +683,8 @@ class Engine:
         await mon.execute("migrate-set-parameters", MIGRATE_PARAMETERS)
         return live
 
-    async def _wait_migration(self, mon: qmp.Monitor, name: str) -> dict[str, Any]:
+    async def _wait_migration(self, mon: qmp.Monitor, name: str, fd: int) -> dict[str, Any]:
+        """Wait for the save to end, publishing how much of it is written to ``fd``."""
         last = 0.0
         while True:
             info = await mon.execute("query-migrate")
@@ -698,7 +699,9 @@ class Engine:
             ram = info.get("ram", {})
             if time.monotonic() - last > 0.2 and ram:
                 last = time.monotonic()
-                self._report(name, "saving memory", int(ram.get("transferred", 0)),
+                # A background snapshot does not count ram.transferred: the
+                # image's size is what is written.
+                self._report(name, "saving memory", os.fstat(fd).st_size,
                              int(ram.get("total", 0)))
             await trio.sleep(POLL)
 

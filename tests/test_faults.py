@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 
 from conftest import Env
@@ -153,3 +156,37 @@ def test_state_is_root_only(env: Env) -> None:
     assert proc.returncode == 1 and "Permission denied" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "s" in info_tags(env, "secret")
+
+
+def test_progress_is_published_while_memory_is_saved(env: Env) -> None:
+    # 512 MiB of random memory on tmpfs (background snapshots refuse a private
+    # mapping of a file on a disk file system): a save long enough to watch.
+    ram = Path(tempfile.mkdtemp(prefix="sfram", dir="/dev/shm")) / "ram"
+    try:
+        with ram.open("wb") as f:
+            for _ in range(512):
+                f.write(os.urandom(1 << 20))
+        extra = (f'extra_args = ["-object", "memory-backend-file,id=ram0,size=512M,'
+                 f'mem-path={ram},share=off", "-machine", "memory-backend=ram0"]')
+        env.define("prog", memory="512M", extra=extra)
+        env.start("prog")
+        proc = snapfs_popen(env, "vm-snapshot-create", "-n", "watched", "prog")
+        seen = []
+        while proc.poll() is None:
+            try:
+                seen.append(json.loads((env.run / "prog.op").read_text()))
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.01)
+        assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+        saving = [p for p in seen if p.get("phase") == "saving memory" and p["total"] > 0]
+        assert saving, seen[-3:]
+        assert all(p["operation"] == "vm-snapshot-create" for p in saving)
+        done = [p["done"] for p in saving]
+        assert done == sorted(done) and 0 < done[-1], done
+        assert done[0] < done[-1], "progress moves while the save goes on"
+        assert not (env.run / "prog.op").exists(), "no operation is shown once it is done"
+        assert "watched" in info_tags(env, "prog")
+    finally:
+        env.kill_all()
+        shutil.rmtree(ram.parent, ignore_errors=True)

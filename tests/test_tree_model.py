@@ -539,10 +539,12 @@ async def test_statfs_and_xattrs_answer(ops: Operations, domains: Env) -> None:
 def test_render_status_names_every_field() -> None:
     from snapfs.engine import DomainStatus, Progress
     text = model.render_status(DomainStatus("d", "running", "s1", Progress(
-        "vm-snapshot-create", done=50, total=200, pid=7, started=0.0), "oops"))
+        "vm-snapshot-create", phase="saving memory", done=50, total=200, pid=7, started=0.0),
+        "oops"))
     lines = dict(line.split(": ", 1) for line in text.splitlines())
     assert lines["state"] == "running" and lines["current"] == "s1"
-    assert lines["operation"].startswith("vm-snapshot-create 25% (50 of 200 bytes)")
+    assert lines["operation"].startswith(
+        "vm-snapshot-create (saving memory) 25% (50 of 200 bytes)")
     assert lines["last_error"] == "oops"
     idle = model.render_status(DomainStatus("d", "shutoff", "", None, ""))
     assert "operation: -\n" in idle and "current: -\n" in idle

@@ -304,7 +304,7 @@ def render_status(status: DomainStatus) -> str:
 def _render_operation(op: Progress | None) -> str:
     if op is None:
         return ""
-    text = op.operation
+    text = op.operation + (f" ({op.phase})" if op.phase else "")
     if op.total:
         text += f" {100 * op.done // op.total}% ({op.done} of {op.total} bytes)"
     if op.started:
