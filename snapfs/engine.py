@@ -802,7 +802,8 @@ class Engine:
             await trio.to_thread.run_sync(store.set_current, snapshot)
 
     async def _check_applicable(self, dom: DomainDef, snap: VmSnapshot) -> DomainDef:
-        """Everything apply needs is there and intact, before the domain is touched."""
+        """Everything apply needs is there, at its recorded size, before the domain is
+        touched (its sha256 is checked beside the .undo save: ``_verify_sha256``)."""
         store = self._store(dom)
         try:
             text = await trio.to_thread.run_sync(store.config_path(snap.name).read_text)
