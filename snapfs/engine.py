@@ -541,7 +541,8 @@ class Engine:
         else:
             save = store.save_path(snapshot)
             try:
-                saved = await self._save(dom, tag, save, mode, journal, prefix)
+                saved = await self._save(dom, tag, save, store.save_tmp_path(snapshot), mode,
+                                         journal, prefix)
             except BaseException as err:
                 # If QEMU died under the save, its tags are still in the images.
                 with trio.CancelScope(shield=True):
@@ -588,9 +589,10 @@ class Engine:
             present = {s.dev for s in await self._disk_snapshots(dom, mon) if s.tag == tag}
             await self._delete_disk_tag(dom, tag, mon, only=present)
 
-    async def _save(self, dom: DomainDef, tag: str, save: Path, mode: str, journal: Journal,
-                    prefix: str) -> "_Saved":
-        """Disk transaction + save image of a running QEMU, fsynced, at ``save``.
+    async def _save(self, dom: DomainDef, tag: str, save: Path, tmp: Path, mode: str,
+                    journal: Journal, prefix: str) -> "_Saved":
+        """Disk transaction + save image of a running QEMU, written at ``tmp`` (where
+        recovery looks for a partial one), fsynced, then renamed to ``save``.
 
         The vCPUs stop for the disk transaction; in live mode QEMU resumes them
         as soon as the device state is captured and writes memory while the
@@ -598,7 +600,6 @@ class Engine:
         is written. On failure the disk snapshots are deleted, the partial
         image removed and the domain left in the run state it had.
         """
-        tmp = save.with_name(f".{save.name}.tmp")
         tmp.unlink(missing_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         hashing = GrowingHash(tmp)
