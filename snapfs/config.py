@@ -16,7 +16,7 @@ from .errors import AlreadyExists, ConfigError, InvalidName, NameTooLong, NotFou
 from .files import atomic_write, read_text_nofollow
 
 __all__ = [
-    "Dirs", "Disk", "DomainDef", "parse_domain", "load_domain", "list_domains",
+    "Dirs", "RunPaths", "Disk", "DomainDef", "parse_domain", "load_domain", "list_domains",
     "define_domain", "check_snapshot_name", "check_domain_name", "parse_size",
 ]
 
@@ -28,7 +28,8 @@ MAX_NAME_BYTES = 64
 MAX_MEMORY_MIB = 1 << 20
 MAX_CPUS = 256
 MAX_DISKS = 16
-_KEYS = {"name", "uuid", "memory", "cpus", "accel", "machine", "extra_args", "disks"}
+_KEYS = {"name", "uuid", "memory", "cpus", "accel", "machine", "extra_args", "disks",
+         "keep_undo"}
 _DISK_KEYS = {"dev", "file", "bus"}
 
 
@@ -54,10 +55,56 @@ class Dirs:
     def domains(self) -> Path:
         return self.config / "domains"
 
+    def of(self, name: str) -> "RunPaths":
+        """The run-dir files of domain ``name``."""
+        return RunPaths(self.run, name)
+
+    @property
+    def nbd(self) -> Path:
+        """Where disk views keep their qemu-nbd sockets and records."""
+        return nbd_dir(self.run)
+
+    @property
+    def mount_log(self) -> Path:
+        """Where a daemonized tree logs."""
+        return self.run / "mount.log"
+
+    @property
+    def journals(self) -> Path:
+        return self.state / "journal"
+
     def ensure(self) -> None:
         """Create the state and run dirs root-only: they hold guest memory and sockets."""
         for path in (self.state, self.run, self.state / "snapshots"):
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+def nbd_dir(run: Path | str) -> Path:
+    """``<run dir>/nbd``, resolved: qemu-nbd's socket paths are compared as strings."""
+    return Path(os.path.realpath(run)) / "nbd"
+
+
+class RunPaths:
+    """Every file one domain has in the run dir: the only place that names them.
+
+        <run dir>/<name>.qmp     QEMU's QMP socket
+        <run dir>/<name>.pid     QEMU's pidfile
+        <run dir>/<name>.log     QEMU's -D log (its error messages)
+        <run dir>/<name>.lock    flock serializing operations on the domain
+        <run dir>/<name>.op      the operation in progress and how far it got (JSON)
+        <run dir>/<name>.error   last_error: "<epoch seconds> <message>"
+        <run dir>/<name>.state   the run state last seen, for when QMP is busy
+    """
+
+    def __init__(self, run: Path, name: str) -> None:
+        self.run = run
+        self.qmp = run / f"{name}.qmp"
+        self.pid = run / f"{name}.pid"
+        self.log = run / f"{name}.log"
+        self.lock = run / f"{name}.lock"
+        self.op = run / f"{name}.op"
+        self.error = run / f"{name}.error"
+        self.state = run / f"{name}.state"
 
 
 @dataclass(frozen=True)
@@ -78,6 +125,7 @@ class DomainDef:
     machine: str | None = None
     extra_args: tuple[str, ...] = field(default_factory=tuple)
     memory: str = ""
+    keep_undo: bool = True      # false: an apply keeps no .undo
 
     def to_toml(self) -> str:
         q = _toml_string
@@ -90,6 +138,8 @@ class DomainDef:
         ]
         if self.machine:
             lines.append(f"machine = {q(self.machine)}")
+        if not self.keep_undo:
+            lines.append("keep_undo = false")
         if self.extra_args:
             lines.append(f"extra_args = [{', '.join(q(a) for a in self.extra_args)}]")
         for disk in self.disks:
@@ -212,6 +262,7 @@ def parse_domain(text: str, source: str = "definition") -> DomainDef:
     machine = _get(table, "machine", str, source)
     if machine is not None and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", machine):
         raise ConfigError(f"{source}: 'machine' = {machine!r} is not a machine type name")
+    keep_undo = _get(table, "keep_undo", bool, source, default=True)
     extra = _get(table, "extra_args", list, source, default=[])
     if not all(isinstance(a, str) and "\0" not in a for a in extra):
         raise ConfigError(f"{source}: 'extra_args' must be a list of strings")
@@ -225,6 +276,7 @@ def parse_domain(text: str, source: str = "definition") -> DomainDef:
                           f"{next(d for d in devs if devs.count(d) > 1)!r}")
     return DomainDef(name=name, uuid=uuid, memory_mib=_memory(memory, source), cpus=cpus,
                      accel=accel, disks=disks, machine=machine, extra_args=tuple(extra),
+                     keep_undo=keep_undo,
                      memory=str(memory) if isinstance(memory, str) else f"{memory}M")
 
 

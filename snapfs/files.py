@@ -14,11 +14,13 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes | str, mode: int = 0o600) -> None:
+def atomic_write(path: Path, data: bytes | str, mode: int = 0o600, *,
+                 durable: bool = True) -> None:
     """Write ``data`` to ``path`` so that readers see the old or the new file, never a mix.
 
     The temporary name is created with O_EXCL|O_NOFOLLOW so a symlink planted in
-    its place cannot redirect the write.
+    its place cannot redirect the write. ``durable=False`` skips the fsyncs, for
+    runtime state on /run that a host crash wipes anyway.
     """
     if isinstance(data, str):
         data = data.encode()
@@ -29,14 +31,16 @@ def atomic_write(path: Path, data: bytes | str, mode: int = 0o600) -> None:
         while view:
             view = view[os.write(fd, view):]
         os.fchmod(fd, mode)
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     except BaseException:
         os.close(fd)
         tmp.unlink(missing_ok=True)
         raise
     os.close(fd)
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def read_text_nofollow(path: Path, limit: int = 1 << 20) -> str:

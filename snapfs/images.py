@@ -12,12 +12,19 @@ from typing import Any
 
 import trio
 
+from . import trace
 from .errors import NotFound, QemuError, StateError
 
-__all__ = ["DiskSnapshot", "image_info", "stable_info", "list_snapshots", "snapshot_create",
+__all__ = ["DiskSnapshot", "DiskTable", "qemu_opt", "image_info", "stable_info", "list_snapshots", "snapshot_create",
            "snapshot_delete", "snapshot_apply", "run_tool"]
 
 logger = logging.getLogger(__name__)
+
+
+def qemu_opt(value: str) -> str:
+    """``value`` inside QEMU's ``key=value,...`` option syntax: a doubled comma is a
+    literal one. The only escaping snapfs does (never an HMP command string)."""
+    return value.replace(",", ",,")
 
 
 @dataclass(frozen=True)
@@ -42,8 +49,17 @@ class DiskSnapshot:
                    vm_clock_sec=int(info["vm-clock-sec"]), vm_clock_nsec=int(info["vm-clock-nsec"]))
 
 
+@dataclass(frozen=True)
+class DiskTable:
+    """What ``qemu-img info -U`` says about a domain's disks, read together."""
+
+    tags: dict[str, list[DiskSnapshot]]     # tag -> its snapshot on each disk, in disk order
+    sizes: dict[str, tuple[int, int]]       # dev -> (virtual size, bytes the image file takes)
+
+
 async def run_tool(args: list[str], what: str) -> str:
     """Run a QEMU tool without a shell; its stderr becomes the error message."""
+    trace.count(" ".join(args[:2]) if args[0] == "qemu-img" else args[0])
     try:
         result = await trio.run_process(args, capture_stdout=True, capture_stderr=True, check=False)
     except FileNotFoundError:
@@ -93,13 +109,16 @@ async def list_snapshots(dev: str, path: Path) -> list[DiskSnapshot]:
     return [DiskSnapshot.from_qemu(dev, s) for s in info.get("snapshots", [])]
 
 
-async def _check_unambiguous(path: Path, tag: str) -> None:
-    # qemu-img looks a snapshot up by id *or* name: refuse when another snapshot's
-    # id equals this tag, or we would touch the wrong one.
-    snaps = await list_snapshots("", path)
-    if not any(s.tag == tag for s in snaps):
+async def _check_unambiguous(path: Path, tag: str, table: list[DiskSnapshot] | None) -> None:
+    """qemu-img looks a snapshot up by id before name: refuse when another snapshot's id
+    equals this tag, or the wrong one would be touched. ``table`` is the image's
+    snapshots if the caller has read them since they last changed; only a tag of
+    digits can equal an id, so only then is the image read again."""
+    if table is None or tag.isdigit():
+        table = await list_snapshots("", path)
+    if not any(s.tag == tag for s in table):
         raise NotFound(f"disk {path} has no snapshot {tag!r}")
-    if any(s.id == tag and s.tag != tag for s in snaps):
+    if any(s.id == tag and s.tag != tag for s in table):
         raise StateError(f"snapshot name {tag!r} on {path} equals another snapshot's id; "
                          "use the id to address it")
 
@@ -109,13 +128,13 @@ async def snapshot_create(path: Path, tag: str) -> None:
                    f"creating snapshot {tag!r} on {path}")
 
 
-async def snapshot_delete(path: Path, tag: str) -> None:
-    await _check_unambiguous(path, tag)
+async def snapshot_delete(path: Path, tag: str, table: list[DiskSnapshot] | None = None) -> None:
+    await _check_unambiguous(path, tag, table)
     await run_tool(["qemu-img", "snapshot", "-d", tag, "--", str(path)],
                    f"deleting snapshot {tag!r} on {path}")
 
 
-async def snapshot_apply(path: Path, tag: str) -> None:
-    await _check_unambiguous(path, tag)
+async def snapshot_apply(path: Path, tag: str, table: list[DiskSnapshot] | None = None) -> None:
+    await _check_unambiguous(path, tag, table)
     await run_tool(["qemu-img", "snapshot", "-a", tag, "--", str(path)],
                    f"reverting {path} to snapshot {tag!r}")

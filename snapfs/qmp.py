@@ -20,9 +20,10 @@ from typing import Any, TypeVar
 import trio
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 
+from . import trace
 from .errors import QemuError
 
-__all__ = ["Monitor", "connect"]
+__all__ = ["Monitor", "connect", "open_monitor"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -72,9 +73,11 @@ class Monitor:
         self._client = client
         self.path = path
         self._listener: EventListener | None = None
+        self._backlog: list[Any] = []
 
     async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         """:raise QemuError: when QEMU answers with an error or the connection fails."""
+        trace.count(f"qmp {command}")
         try:
             return await _bridge(lambda: self._client.execute(command, arguments))
         except ExecuteError as err:
@@ -95,33 +98,49 @@ class Monitor:
     async def listen(self) -> None:
         """Start keeping events, so ``wait_event`` sees what happens from now on."""
         async def go() -> None:
+            if self._listener is not None:
+                self._client.remove_listener(self._listener)
             self._listener = EventListener()
+            self._backlog = []
             self._client.register_listener(self._listener)
         await _bridge(go)
 
     async def wait_event(self, names: set[str]) -> dict[str, Any]:
-        """The next event among ``names`` received since ``listen()``."""
+        """The first event among ``names`` received since ``listen()`` and not yet
+        waited for; events of other names are kept for later waits."""
         listener = self._listener
         assert listener is not None, "call listen() first"
+        backlog = self._backlog
 
         async def get() -> dict[str, Any]:
+            for index, event in enumerate(backlog):
+                if event["event"] in names:
+                    return dict(backlog.pop(index))
             while True:
                 event = await listener.get()
                 if event["event"] in names:
                     return dict(event)
+                backlog.append(event)
         return await _bridge(get)
 
+    async def aclose(self) -> None:
+        """End the session; a QEMU that already exited is not an error."""
+        with trio.CancelScope(shield=True):
+            try:
+                await _bridge(self._client.disconnect)
+            except (QMPError, OSError, EOFError) as err:
+                logger.debug("QMP disconnect from %s: %s", self.path, err)
 
-@asynccontextmanager
-async def connect(path: Path) -> AsyncIterator[Monitor]:
-    """A QMP session on the socket at ``path``.
+
+async def open_monitor(path: Path) -> Monitor:
+    """A QMP session on the socket at ``path``; close it with ``aclose``.
 
     QEMU serves one client per monitor at a time, so callers hold the domain
-    lock and keep sessions short.
+    lock and keep one session for a whole operation.
 
     :raise QemuError: when the socket is absent or QEMU does not answer.
     """
-    client: QMPClient | None = None
+    trace.count("qmp connect")
 
     async def open_() -> QMPClient:
         c = QMPClient(path.name)
@@ -132,11 +151,14 @@ async def connect(path: Path) -> AsyncIterator[Monitor]:
         client = await _bridge(open_)
     except (QMPError, OSError) as err:
         raise QemuError(f"cannot reach QEMU's monitor at {path}: {err}") from err
+    return Monitor(client, path)
+
+
+@asynccontextmanager
+async def connect(path: Path) -> AsyncIterator[Monitor]:
+    """``open_monitor`` for the length of a block."""
+    mon = await open_monitor(path)
     try:
-        yield Monitor(client, path)
+        yield mon
     finally:
-        with trio.CancelScope(shield=True):
-            try:
-                await _bridge(client.disconnect)
-            except (QMPError, OSError, EOFError) as err:
-                logger.debug("QMP disconnect from %s: %s", path, err)
+        await mon.aclose()
