@@ -1,4 +1,5 @@
-"""The command line: the RFC's xl subcommands, the domain verbs and ``mount``.
+"""The command line: the xl-style snapshot subcommands (docs/design.md), the domain
+verbs and ``mount``.
 
 Parses arguments, calls the engine, prints for humans or ``--json``. A failure
 is one line on stderr and a non-zero exit status, never a traceback.
@@ -19,6 +20,7 @@ import trio
 from .config import Dirs
 from .engine import Engine
 from .errors import SnapfsError
+from .tasks import cause
 
 __all__ = ["main"]
 
@@ -125,7 +127,7 @@ async def cmd_vm_snapshot(engine: Engine, args: argparse.Namespace) -> None:
         print(f"VM snapshot {args.name} of {args.domain} deleted")
     elif args.verb == "apply":
         await _with_progress(engine, args.domain, engine.vm_snapshot_apply(
-            args.domain, args.name, paused=args.paused))
+            args.domain, args.name, paused=args.paused, undo=not args.no_undo))
         print(f"domain {args.domain} reverted to VM snapshot {args.name}"
               f"{' (paused)' if args.paused else ''}")
     elif args.verb == "list":
@@ -205,6 +207,8 @@ def _parser() -> argparse.ArgumentParser:
     add("vm-snapshot-list", cmd_vm_snapshot, "list", "list VM snapshots", "none", json_opt=True)
     p = add("vm-snapshot-apply", cmd_vm_snapshot, "apply", "revert the domain", "required")
     p.add_argument("--paused", action="store_true", help="leave the restored domain paused")
+    p.add_argument("--no-undo", action="store_true",
+                   help="keep no .undo of the state it replaces (faster; no way back)")
     add("disk-snapshot-create", cmd_disk_snapshot, "create", "snapshot every disk at once")
     p = add("disk-snapshot-delete", cmd_disk_snapshot, "delete", "delete a disk snapshot", "none")
     which = p.add_mutually_exclusive_group(required=True)
@@ -240,22 +244,30 @@ def main(argv: list[str] | None = None) -> int:
             return mount(dirs, Path(args.mountpoint), foreground=args.foreground,
                          allow_other=args.allow_other)
         trio.run(args.run, Engine(dirs), args)
-    except SnapfsError as err:
-        print(f"snapfs: {what}: {err}", file=sys.stderr)
-        return EXIT_FAILURE
-    except OSError as err:
-        where = f" ({err.filename})" if err.filename else ""
-        print(f"snapfs: {what}: {err.strerror or err}{where}", file=sys.stderr)
-        return EXIT_FAILURE
-    except KeyboardInterrupt:
-        print(f"snapfs: {what}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:
-        logger.debug("internal error", exc_info=True)
-        print(f"snapfs: {what}: internal error: {type(err).__name__}: {err} "
-              "(run with -v for details)", file=sys.stderr)
-        return EXIT_INTERNAL
+    except BaseExceptionGroup as group:
+        return _failed(what, cause(group))
+    except BaseException as err:
+        return _failed(what, err)
     return 0
+
+
+def _failed(what: str, err: BaseException) -> int:
+    """Print one line for a failure; return the exit status it calls for."""
+    if isinstance(err, SnapfsError):
+        message, status = str(err), EXIT_FAILURE
+    elif isinstance(err, OSError):
+        where = f" ({err.filename})" if err.filename else ""
+        message, status = f"{err.strerror or err}{where}", EXIT_FAILURE
+    elif isinstance(err, KeyboardInterrupt):
+        message, status = "interrupted", 130
+    elif isinstance(err, Exception):
+        logger.debug("internal error", exc_info=err)
+        message = f"internal error: {type(err).__name__}: {err} (run with -v for details)"
+        status = EXIT_INTERNAL
+    else:
+        raise err
+    print(f"snapfs: {what}: {message}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

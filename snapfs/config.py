@@ -1,6 +1,6 @@
 """Where snapfs keeps things, and domain definitions: load, validate, write.
 
-A domain is defined by ``<config dir>/domains/<name>.toml`` (DESIGN §2). Every
+A domain is defined by ``<config dir>/domains/<name>.toml`` (docs/design.md, Domains). Every
 value is checked here, once, so the rest of the code can trust a ``DomainDef``.
 """
 
@@ -35,7 +35,7 @@ _DISK_KEYS = {"dev", "file", "bus"}
 
 @dataclass(frozen=True)
 class Dirs:
-    """The three directories of DESIGN §1."""
+    """The config, state and run directories."""
 
     config: Path
     state: Path
@@ -162,7 +162,8 @@ def check_domain_name(name: str) -> str:
 
 
 def check_snapshot_name(name: str | bytes) -> str:
-    """Return ``name`` as str if it may name a snapshot, else raise (DESIGN §4 errors)."""
+    """Return ``name`` as str if it may name a snapshot, else raise (the errors of the
+    tree's errno table in docs/design.md)."""
     if isinstance(name, bytes):
         try:
             name = name.decode("utf-8")
@@ -219,7 +220,8 @@ def _parse_disk(table: Any, index: int, source: str) -> Disk:
         raise ConfigError(f"{where}: unknown key '{sorted(unknown)[0]}'")
     dev = _get(table, "dev", str, where, required=True)
     if not DEV_NAME.fullmatch(dev):
-        raise ConfigError(f"{where}: 'dev' = {dev!r} must be 1-16 of a-z 0-9 starting with a letter")
+        raise ConfigError(f"{where}: 'dev' = {dev!r} must be 1-16 of a-z 0-9 "
+                          "starting with a letter")
     file = _get(table, "file", str, where, required=True)
     path = Path(file)
     if not path.is_absolute() or ".." in path.parts or "\0" in file or len(file) > 4096:

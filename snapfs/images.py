@@ -15,8 +15,8 @@ import trio
 from . import trace
 from .errors import NotFound, QemuError, StateError
 
-__all__ = ["DiskSnapshot", "DiskTable", "qemu_opt", "image_info", "stable_info", "list_snapshots", "snapshot_create",
-           "snapshot_delete", "snapshot_apply", "run_tool"]
+__all__ = ["DiskSnapshot", "DiskTable", "qemu_opt", "image_info", "stable_info",
+           "list_snapshots", "snapshot_create", "snapshot_delete", "snapshot_apply", "run_tool"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def qemu_opt(value: str) -> str:
 
 @dataclass(frozen=True)
 class DiskSnapshot:
-    """One internal snapshot of one disk, as qcow2 records it (the RFC's libxl_snapshot)."""
+    """One internal snapshot of one disk, as qcow2 records it (xl's libxl_snapshot)."""
 
     dev: str
     id: str

@@ -3,7 +3,8 @@
 One file per domain, ``<state dir>/journal/<domain>.json`` (operations on a
 domain are serialized, so one is enough). A snapfs process killed mid-operation
 leaves its journal behind; the next process that takes the domain's lock finds
-it and finishes or rolls back the operation (``Engine._recover``).
+it and finishes or rolls back the operation (``recovery.recover``). The step
+names are the enums of ``operation.py``.
 
 Steps are written without fsync: the journal must survive the death of a snapfs
 process, whose writes the kernel keeps; a host crash takes the VM down anyway.
@@ -45,7 +46,7 @@ class Journal:
     """The journal of one domain."""
 
     def __init__(self, dirs: Dirs, domain: str) -> None:
-        self.path = dirs.state / "journal" / f"{domain}.json"
+        self.path = dirs.journals / f"{domain}.json"
         self.entry: Entry | None = None
 
     def _write(self, durable: bool) -> None:

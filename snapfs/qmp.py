@@ -83,7 +83,8 @@ class Monitor:
         except ExecuteError as err:
             raise QemuError(f"QEMU refused {command}: {err.error.error.desc}") from err
         except (QMPError, OSError, EOFError) as err:
-            raise QemuError(f"QMP {command} on {self.path} failed: {err or type(err).__name__}") from err
+            raise QemuError(f"QMP {command} on {self.path} failed: "
+                            f"{err or type(err).__name__}") from err
 
     async def send_fd(self, fd: int, name: str) -> None:
         """Pass ``fd`` to QEMU over the socket and name it ``name`` (QMP ``getfd``)."""

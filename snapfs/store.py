@@ -1,4 +1,4 @@
-"""The snapshot store on disk (DESIGN §5): info files, save images, configs.
+"""The snapshot store on disk (docs/design.md, Files on disk): info files, save images, configs.
 
     <state dir>/snapshots/<domain uuid>/snapshotdata-<name>.xl
     <state dir>/snapshots/<domain uuid>/<name>.save
@@ -18,11 +18,14 @@ import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import trio
+
 from .config import Dirs, check_snapshot_name
 from .errors import ConfigError, NotFound
 from .files import atomic_write, read_text_nofollow
 
-__all__ = ["VmSnapshot", "Store", "GrowingHash", "format_info", "parse_info", "sha256_file"]
+__all__ = ["VmSnapshot", "Store", "FileReader", "GrowingHash", "format_info", "parse_info",
+           "sha256_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +37,7 @@ _LINE = re.compile(r'([a-z_0-9]+)="((?:[^"\\]|\\.)*)"')
 
 @dataclass(frozen=True)
 class VmSnapshot:
-    """One VM snapshot as its info file records it (the RFC's libxl_vm_snapshot)."""
+    """One VM snapshot as its info file records it (xl's libxl_vm_snapshot)."""
 
     name: str
     creation_time: int
@@ -271,3 +274,29 @@ class Store:
     def set_current(self, name: str) -> None:
         self.ensure()
         atomic_write(self.dir / "current", name + "\n", mode=0o600)
+
+
+class FileReader:
+    """A stored file (a save image) opened once; each read is a ``pread`` in a worker
+    thread, so a big read never holds up the trio loop."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    @classmethod
+    async def open(cls, path: Path) -> "FileReader":
+        """:raise NotFound: when the file is gone."""
+        try:
+            fd = await trio.to_thread.run_sync(
+                os.open, path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            raise NotFound(f"{path.name} is gone") from None
+        return cls(fd)
+
+    async def read(self, offset: int, size: int) -> bytes:
+        return await trio.to_thread.run_sync(os.pread, self.fd, size, offset)
+
+    async def aclose(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            await trio.to_thread.run_sync(os.close, fd)

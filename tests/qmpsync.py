@@ -65,7 +65,7 @@ class QMP:
                 raise QMPError(f"unexpected QMP greeting: {greeting!r}")
             self.greeting = greeting
             self.cmd("qmp_capabilities")
-        except socket.timeout as e:
+        except TimeoutError as e:
             self.close()
             raise QMPError(
                 f"{self.path}: no QMP greeting within {self.timeout}s "

@@ -12,10 +12,10 @@ import os
 import re
 
 import pytest
+from conftest import Env
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import Env
 from snapfs.cli import main
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")

@@ -1,4 +1,4 @@
-"""The RFC's commands on real QEMU, driven only through the CLI (issue 2).
+"""The snapshot commands on real QEMU, driven only through the CLI (issue 2).
 
 One running two-disk domain is shared by the module (a boot costs seconds);
 each test uses its own snapshot names.
@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import Env
 from qmpsync import QMP, qemu_io
 
@@ -335,3 +334,62 @@ def test_operations_serialize_per_domain_across_processes(env: Env) -> None:
         assert racer.wait(timeout=120) == 0, racer.stderr.read() if racer.stderr else ""
     tags = qemu_img_tags(disk_file(env, "vda", "one"))
     assert {f"race{i}" for i in range(4)} <= set(tags)
+
+
+def traced(env: Env, trace: Path, operation: str, *args: str) -> dict[str, object]:
+    """Run the CLI with ``$SNAPFS_TRACE`` and return the record of ``operation``."""
+    trace.unlink(missing_ok=True)
+    env.snapfs(*args, env={"SNAPFS_TRACE": str(trace)})
+    records = [json.loads(line) for line in trace.read_text().splitlines()]
+    [record] = [r for r in records if r["operation"] == operation]
+    assert record["error"] == ""
+    return record
+
+
+def test_one_qmp_session_per_create_and_one_image_read_per_disk_per_apply(
+        web1: Env, tmp_path: Path) -> None:
+    trace = tmp_path / "trace.jsonl"
+    create = traced(web1, trace, "vm-snapshot-create", "vm-snapshot-create", "-n", "once", DOM)
+    counts = create["counts"]
+    assert isinstance(counts, dict)
+    assert counts["qmp connect"] == 1, counts
+    assert counts.get("qemu-img info", 0) <= 2, counts
+    phases = [p[0] for p in create["phases"]]  # type: ignore[union-attr]
+    assert "stop" in phases and "disk transaction" in phases, phases
+
+    before = web1.counter(DOM)
+    apply = traced(web1, trace, "vm-snapshot-apply", "vm-snapshot-apply", "-n", "once", DOM)
+    counts = apply["counts"]
+    assert isinstance(counts, dict)
+    # Two disks (vda, vdb): each image's table and format are read once.
+    assert counts.get("qemu-img info", 0) <= 2, counts
+    assert counts["qemu-img snapshot"] == 2, counts
+    assert web1.counter(DOM) < before + 1000, "the guest is back at the snapshot's count"
+
+
+def test_apply_without_undo(web1: Env) -> None:
+    web1.snapfs("vm-snapshot-create", "-n", "nu1", DOM)
+    web1.snapfs("vm-snapshot-apply", "-n", "nu1", DOM)
+    assert list((web1.state / "snapshots").glob("*/snapshotdata-.undo.xl"))
+    time.sleep(1.5)
+    before = web1.counter(DOM)
+    web1.snapfs("vm-snapshot-create", "-n", "nu2", DOM)
+    web1.snapfs("vm-snapshot-apply", "-n", "nu1", DOM, "--no-undo")
+    assert web1.counter(DOM) < before - 50, "the guest went back to nu1"
+    # The .undo of the earlier apply is not what this apply replaced: it is gone,
+    # with its disk snapshots.
+    assert not list((web1.state / "snapshots").glob("*/snapshotdata-.undo*.xl"))
+    assert not [t for t in qemu_img_tags(disk_file(web1, "vda")) if t.startswith(".undo")]
+    status = json.loads(web1.snapfs("domain", "status", DOM, "--json").stdout)
+    assert status["state"] == "running" and status["current"] == "nu1"
+
+
+def test_keep_undo_false_in_the_definition(env: Env) -> None:
+    env.define("nokeep", extra="keep_undo = false")
+    assert "keep_undo = false" in (env.config / "domains" / "nokeep.toml").read_text()
+    env.start("nokeep")
+    env.snapfs("vm-snapshot-create", "-n", "k1", "nokeep")
+    env.snapfs("vm-snapshot-apply", "-n", "k1", "nokeep")
+    assert env.run_state("nokeep") == "running"
+    assert not list((env.state / "snapshots").glob("*/snapshotdata-.undo*.xl"))
+    assert [t for t in qemu_img_tags(disk_file(env, "vda", "nokeep"))] == ["k1"]

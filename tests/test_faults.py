@@ -12,7 +12,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from conftest import Env
 from test_recovery import assert_consistent, disk_tags, info_tags, store_dir
 

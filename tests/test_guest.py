@@ -17,7 +17,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-
 from guestbuild import TICK_HZ, build_boot_sector, make_disk
 from qmpsync import QMP, qemu_io, read_counter, wait_for_guest
 

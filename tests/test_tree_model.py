@@ -1,8 +1,9 @@
-"""The tree's handlers, called directly (no mount): names, attributes, verbs, errnos.
+"""The tree's handlers over the real engine (no mount): names, attributes, verbs, errnos.
 
 Domains here stay shut off, so a snapshot is a qemu-img call and no guest
-boots; ``test_tree_mount.py`` does the same through a real mount with running
-guests. Every test fails if snapfs logs an error it did not expect.
+boots; ``test_tree_unit.py`` covers every path and errno over a fake engine,
+``test_tree_mount.py`` goes through a real mount with running guests. Every
+test fails if snapfs logs an error it did not expect.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from typing import Any
 import pyfuse3
 import pytest
 import trio
-
 from conftest import Env
+from test_tree_unit import fails, listdir, mkdir, read_file, rmdir, walk
+
 from snapfs.config import Dirs
 from snapfs.diskview import DiskViews
 from snapfs.engine import Engine
 from snapfs.ops import model
-from snapfs.ops.fs import Inodes, Operations
+from snapfs.ops.fs import Operations
 from snapfs.ops.model import Tree
 
 ROOT = pyfuse3.ROOT_INODE
@@ -40,8 +42,13 @@ def domains(module_env: Env) -> Env:
 
 
 @pytest.fixture
-def ops(domains: Env) -> Operations:
-    return Operations(Tree(Engine(Dirs(domains.config, domains.state, domains.run))))
+def engine(domains: Env) -> Engine:
+    return Engine(Dirs(domains.config, domains.state, domains.run))
+
+
+@pytest.fixture
+def ops(engine: Engine) -> Operations:
+    return Operations(Tree(engine))
 
 
 @pytest.fixture
@@ -59,73 +66,16 @@ def no_unexpected_errors(caplog: pytest.LogCaptureFixture,
         assert not errors, [r.getMessage() for r in errors]
 
 
-class Listing:
-    """Stands in for the kernel's readdirplus buffer: room for ``room`` entries."""
-
-    def __init__(self, room: int = 1000) -> None:
-        self.room = room
-        self.entries: list[tuple[bytes, Any, int]] = []
-
-    def reply(self, token: Any, name: bytes, attr: Any, next_id: int) -> bool:
-        if len(self.entries) >= self.room:
-            return False
-        self.entries.append((name, attr, next_id))
-        return True
-
-
-async def walk(ops: Operations, path: str) -> Any:
-    """Lookup each name of ``path`` in turn, as the kernel does; the last entry."""
-    attr = await ops.getattr(ROOT)
-    for name in filter(None, path.split("/")):
-        attr = await ops.lookup(attr.st_ino, name.encode())
-    return attr
-
-
-async def listdir(ops: Operations, path: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    listing = Listing()
-    monkeypatch.setattr(pyfuse3, "readdir_reply", listing.reply)
-    fh = await ops.opendir((await walk(ops, path)).st_ino)
-    await ops.readdir(fh, 0, None)
-    await ops.releasedir(fh)
-    return {name.decode(): attr for name, attr, _ in listing.entries}
-
-
-async def read_file(ops: Operations, path: str, flags: int = os.O_RDONLY) -> bytes:
-    info = await ops.open((await walk(ops, path)).st_ino, flags)
-    try:
-        chunks: list[bytes] = []
-        while chunk := await ops.read(info.fh, sum(len(c) for c in chunks), 7):
-            chunks.append(chunk)  # small reads: offsets must be honoured
-        return b"".join(chunks)
-    finally:
-        await ops.release(info.fh)
-
-
-async def fails(errnum: int, call: Any) -> None:
-    with pytest.raises(pyfuse3.FUSEError) as caught:
-        await call
-    assert caught.value.errno == errnum, (errno.errorcode[caught.value.errno],
-                                         errno.errorcode[errnum])
-
-
 async def status(ops: Operations, dom: str = DOM) -> dict[str, str]:
     text = (await read_file(ops, f"{dom}/.status")).decode()
     return dict(line.split(": ", 1) for line in text.splitlines())
-
-
-async def mkdir(ops: Operations, parent: str, name: str) -> Any:
-    return await ops.mkdir((await walk(ops, parent)).st_ino, name.encode(), 0o755, None)
-
-
-async def rmdir(ops: Operations, parent: str, name: str) -> None:
-    await ops.rmdir((await walk(ops, parent)).st_ino, name.encode(), None)
 
 
 # -- the shape of the tree ---------------------------------------------------
 
 
 async def test_a_snapshot_directory_holds_its_files_with_honest_attributes(
-        ops: Operations, domains: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+        ops: Operations, engine: Engine, domains: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     root = await listdir(ops, "", monkeypatch)
     assert {DOM, "mraw"} <= set(root)
     before = await listdir(ops, DOM, monkeypatch)
@@ -135,7 +85,7 @@ async def test_a_snapshot_directory_holds_its_files_with_honest_attributes(
 
     entry = await mkdir(ops, DOM, "shape")
     try:
-        snap = (await ops.tree.engine.vm_snapshot_info(DOM, "shape"))
+        snap = await engine.snapshot(DOM, "shape")
         assert stat.S_ISDIR(entry.st_mode) and stat.S_IMODE(entry.st_mode) == 0o555
         assert entry.st_mtime_ns == snap.creation_time * 10**9
         files = await listdir(ops, f"{DOM}/shape", monkeypatch)
@@ -157,7 +107,8 @@ async def test_a_snapshot_directory_holds_its_files_with_honest_attributes(
         assert xl.startswith(b'snapshot_name="shape"\n')
         assert b'snapshot_disks="vda,vdb"' in xl
         config = await read_file(ops, f"{DOM}/shape/config.toml")
-        assert config == ops.tree.engine.snapshot_config_path(DOM, "shape").read_bytes()
+        stored = domains.state / "snapshots" / engine.domain(DOM).uuid / "shape.config.toml"
+        assert config == stored.read_bytes()
         info = (await read_file(ops, f"{DOM}/shape/info.json")).decode()
         assert '"name": "shape"' in info and '"dev": "vdb"' in info
         assert await read_file(ops, f"{DOM}/shape/apply") == b""
@@ -261,13 +212,13 @@ async def test_every_other_change_is_erofs(ops: Operations) -> None:
 
 
 async def test_rmdir_waits_for_open_files_then_is_ebusy(
-        ops: Operations, monkeypatch: pytest.MonkeyPatch) -> None:
+        ops: Operations, engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(model, "RELEASE_GRACE", 0.2)
     await mkdir(ops, DOM, "busy")
     info = await ops.open((await walk(ops, f"{DOM}/busy/info.json")).st_ino, os.O_RDONLY, None)
     await fails(errno.EBUSY, rmdir(ops, DOM, "busy"))
     assert "open" in (await status(ops))["last_error"]
-    assert await ops.tree.engine.vm_snapshot_info(DOM, "busy")
+    assert await engine.snapshot(DOM, "busy")
 
     # A release that arrives while rmdir waits (close() returns before RELEASE) lets it through.
     async def release_soon() -> None:
@@ -373,12 +324,12 @@ async def test_changes_made_by_the_cli_show_at_once(ops: Operations, domains: En
 
 
 @pytest.fixture
-async def views(ops: Operations, domains: Env) -> Any:
-    """The tree's disk views, as a mount has them; no server may outlive the test."""
+async def views(engine: Engine, domains: Env) -> Any:
+    """The engine's disk views, as a mount has them; no server may outlive the test."""
     async with DiskViews(domains.run, idle=0) as served:
-        ops.tree.views = served
+        engine.views = served
         yield served
-        ops.tree.views = None
+        engine.views = None
         assert served.servers() == []
 
 
@@ -388,7 +339,7 @@ def qemu_io(image: Any, command: str) -> None:
 
 
 async def test_disk_views_show_the_disks_as_they_were(
-        ops: Operations, domains: Env, views: DiskViews,
+        ops: Operations, engine: Engine, domains: Env, views: DiskViews,
         monkeypatch: pytest.MonkeyPatch) -> None:
     vda, vdb = (domains.images / f"{DOM}-{dev}.qcow2" for dev in ("vda", "vdb"))
     qemu_io(vda, "write -P 0x11 1M 64k")
@@ -397,7 +348,7 @@ async def test_disk_views_show_the_disks_as_they_were(
     await mkdir(ops, f"{DOM}/.disk", "oldtag")
     qemu_io(vda, "write -P 0x33 1M 64k")
     try:
-        snap = await ops.tree.engine.vm_snapshot_info(DOM, "old")
+        snap = await engine.snapshot(DOM, "old")
         listed = await listdir(ops, f"{DOM}/old/disks", monkeypatch)
         assert list(listed) == ["vda.raw", "vdb.raw"]
         for attr in listed.values():
@@ -471,59 +422,6 @@ async def read_view(ops: Operations, path: str, offset: int, size: int) -> bytes
 # -- bookkeeping -------------------------------------------------------------------
 
 
-async def test_lookup_counts_follow_lookup_readdir_and_forget(
-        ops: Operations, monkeypatch: pytest.MonkeyPatch) -> None:
-    dom = await ops.lookup(ROOT, DOM.encode(), None)
-    await ops.lookup(ROOT, DOM.encode(), None)
-    assert ops.inodes.count(dom.st_ino) == 2
-
-    listing = Listing(room=1)   # the kernel's buffer is full after one entry
-    monkeypatch.setattr(pyfuse3, "readdir_reply", listing.reply)
-    fh = await ops.opendir(dom.st_ino, None)
-    await ops.readdir(fh, 0, None)
-    (name, attr, next_id), = listing.entries
-    assert ops.inodes.count(attr.st_ino) == 1
-    size_before = len(ops.inodes)
-    listing.room = 2
-    await ops.readdir(fh, next_id, None)   # resumes after the first entry
-    assert listing.entries[1][0] != name
-    assert len(ops.inodes) == size_before + 1   # the entry refused for room was not kept
-    await ops.releasedir(fh)
-
-    await ops.forget([(dom.st_ino, 2), (attr.st_ino, 1)])
-    assert ops.inodes.count(dom.st_ino) == 0
-    await fails(errno.ENOENT, ops.getattr(attr.st_ino, None))
-    # forget never raises, whatever it is told.
-    await ops.forget([(123456, 1), (dom.st_ino, 5), (ROOT, 1)])
-    assert (await ops.getattr(ROOT, None)).st_ino == ROOT
-
-
-def test_inodes_keep_a_number_while_the_kernel_holds_it() -> None:
-    inodes = Inodes()
-    a = inodes.inode(("d", "a"))
-    assert inodes.inode(("d", "a")) == a and inodes.path(a) == ("d", "a")
-    inodes.remember(a)
-    inodes.remember(a)
-    inodes.forget(a, 1)
-    assert inodes.path(a) == ("d", "a")
-    inodes.forget(a, 1)
-    with pytest.raises(Exception):
-        inodes.path(a)
-    assert inodes.inode(("d", "a")) != a   # a new life, a new number
-
-
-async def test_an_unexpected_exception_is_eio_and_logged(
-        ops: Operations, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture, allow_errors: None) -> None:
-    async def broken(path: Any) -> Any:
-        raise RuntimeError("a bug")
-    monkeypatch.setattr(ops.tree, "get", broken)
-    await fails(errno.EIO, ops.getattr(ROOT, None))
-    await fails(errno.EIO, ops.lookup(ROOT, b"x", None))
-    logged = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert logged and "a bug" in (logged[0].exc_text or "")
-
-
 async def test_statfs_and_xattrs_answer(ops: Operations, domains: Env) -> None:
     st = await ops.statfs(None)
     real = os.statvfs(domains.state)
@@ -534,37 +432,3 @@ async def test_statfs_and_xattrs_answer(ops: Operations, domains: Env) -> None:
     assert await ops.listxattr(dom, None) == []
     await fails(errno.ENOTSUP, ops.setxattr(dom, b"user.x", b"1", None))
     await fails(pyfuse3.ENOATTR, ops.removexattr(dom, b"user.x", None))
-
-
-def test_render_status_names_every_field() -> None:
-    from snapfs.engine import DomainStatus, Progress
-    text = model.render_status(DomainStatus("d", "running", "s1", Progress(
-        "vm-snapshot-create", phase="saving memory", done=50, total=200, pid=7, started=0.0),
-        "oops"))
-    lines = dict(line.split(": ", 1) for line in text.splitlines())
-    assert lines["state"] == "running" and lines["current"] == "s1"
-    assert lines["operation"].startswith(
-        "vm-snapshot-create (saving memory) 25% (50 of 200 bytes)")
-    assert lines["last_error"] == "oops"
-    idle = model.render_status(DomainStatus("d", "shutoff", "", None, ""))
-    assert "operation: -\n" in idle and "current: -\n" in idle
-
-
-def test_shapes() -> None:
-    K = model.Kind
-    assert model._shape(()) is K.ROOT
-    assert model._shape(("d", ".undo")) is K.SNAPSHOT
-    assert model._shape(("d", ".undo", "save")) is K.SAVE
-    assert model._shape(("d", ".other")) is None
-    assert model._shape(("d", ".disk", "t", "info")) is K.DISK_INFO
-    assert model._shape(("d", ".disk", "t", "save")) is None
-    assert model._shape(("d", "s", "save", "x")) is None
-    assert model._shape(("d", ".status", "x")) is None
-    assert model._shape(("d", "s", "disks")) is K.DISKS
-    assert model._shape(("d", "s", "disks", "vda.raw")) is K.DISK_VIEW
-    assert model._shape(("d", ".undo", "disks", "vda.raw")) is K.DISK_VIEW
-    assert model._shape(("d", ".disk", "t", "vda.raw")) is K.DISK_VIEW
-    assert model._shape(("d", "s", "disks", ".raw")) is None
-    assert model._shape(("d", "s", "disks", "vda")) is None
-    assert model._shape(("d", "s", "disks", "vda.raw", "x")) is None
-    assert model._shape(("d", "s", "vda.raw")) is None

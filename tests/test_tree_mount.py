@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import Env, pid_alive
 from qmpsync import wait_for_guest
+
 from snapfs.config import Dirs, load_domain
 from snapfs.store import Store, VmSnapshot
 

@@ -1,7 +1,7 @@
 """Random and hostile snapshot names through the mounted tree (issue 6).
 
 Each name given to ``mkdir`` is either accepted — listed by ``ls``, its files
-readable, removed by ``rmdir`` — or refused with the errno of DESIGN §4; the
+readable, removed by ``rmdir`` — or refused with the errno docs/design.md promises; the
 mount's log holds no unexpected error afterwards.
 """
 
@@ -12,10 +12,9 @@ import os
 from collections.abc import Iterator
 
 import pytest
+from conftest import Env
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from conftest import Env
 from test_bad_input import expected_refusal
 from test_tree_mount import Tree, assert_clean_log, mounted
 

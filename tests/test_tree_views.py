@@ -31,11 +31,18 @@ from pathlib import Path
 from types import TracebackType
 
 import pytest
-
 from conftest import Env, pid_alive
 from qmpsync import QMP, qemu_io
-from test_tree_mount import Background, Tree, assert_clean_log, errno_of, file_digests, \
-    mounted, sh, start_guests
+from test_tree_mount import (
+    Background,
+    Tree,
+    assert_clean_log,
+    errno_of,
+    file_digests,
+    mounted,
+    sh,
+    start_guests,
+)
 
 pytest.importorskip("nbd", reason="python3-libnbd is needed for disk views")
 

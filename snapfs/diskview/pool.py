@@ -16,7 +16,7 @@ import trio
 from .records import DiskViewError
 
 try:  # Debian's python3-libnbd; only needed to actually open views
-    import nbd  # type: ignore[import-untyped]
+    import nbd
 except ImportError:  # pragma: no cover - depends on the host
     nbd = None
 

@@ -25,7 +25,7 @@ from ..config import MAX_NAME_BYTES
 from ..errors import NotFound, SnapfsError
 from .model import Node, OpenFile, Tree, TreePath
 
-__all__ = ["Operations", "Inodes"]
+__all__ = ["Inodes", "Operations"]
 
 logger = logging.getLogger(__name__)
 

@@ -116,7 +116,7 @@ def mount(dirs: Dirs, mountpoint: Path, *, foreground: bool = False,
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     logger.info("snapfs mounted on %s (pid %d)", mountpoint, os.getpid())
     try:
-        trio.run(_serve, operations.tree, str(mountpoint))
+        trio.run(_serve, engine, str(mountpoint))
     except BaseException:
         logger.critical("the tree on %s crashed; it stays mounted but dead: "
                         "`fusermount3 -u %s` clears it", mountpoint, mountpoint, exc_info=True)
@@ -127,15 +127,15 @@ def mount(dirs: Dirs, mountpoint: Path, *, foreground: bool = False,
     return 0
 
 
-async def _serve(tree: Tree, mountpoint: str) -> None:
+async def _serve(engine: Engine, mountpoint: str) -> None:
     # Made here, in the serving process and its Trio run: the views' qemu-nbd
     # servers are its children and die with it (see diskview).
-    async with DiskViews(tree.engine.dirs.run) as views:
-        tree.views = views
+    async with DiskViews(engine.dirs.run) as views:
+        engine.views = views
         try:
-            await _serve_tree(tree.engine, mountpoint)
+            await _serve_tree(engine, mountpoint)
         finally:
-            tree.views = None
+            engine.views = None
 
 
 async def _serve_tree(engine: Engine, mountpoint: str) -> None:

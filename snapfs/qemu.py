@@ -1,4 +1,4 @@
-"""A domain's QEMU process: its command line, start, stop and run state.
+"""A domain's QEMU process: its command line, start, quit, power-down, last words.
 
 QEMU runs daemonized with its QMP socket and pidfile in the run dir, so it
 outlives the snapfs process that started it and any snapfs process can find it.
@@ -13,13 +13,13 @@ from typing import Any
 
 import trio
 
-from . import qmp
-from .config import Dirs, DomainDef
+from . import procfs, qmp
+from .config import DomainDef, RunPaths
 from .errors import AlreadyExists, ConfigError, NotFound, QemuError, StateError
-from .images import run_tool
+from .images import qemu_opt, run_tool
 
-__all__ = ["Paths", "qemu_command", "running_pid", "start", "quit", "powerdown",
-           "run_state", "kvm_device"]
+__all__ = ["qemu_command", "running_pid", "start", "quit", "powerdown", "kvm_device",
+           "last_words", "QEMU", "QMP_TIMEOUT"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,39 +34,24 @@ def kvm_device() -> Path:
     return Path(os.environ.get("SNAPFS_KVM_DEVICE", "/dev/kvm"))
 
 
-class Paths:
-    """The files a running domain has in the run dir."""
-
-    def __init__(self, dirs: Dirs, name: str) -> None:
-        self.qmp = dirs.run / f"{name}.qmp"
-        self.pid = dirs.run / f"{name}.pid"
-        self.lock = dirs.run / f"{name}.lock"
-        self.log = dirs.run / f"{name}.log"
-
-
-def _opt(value: str) -> str:
-    # QEMU's option syntax splits on commas; a doubled comma is a literal one.
-    return value.replace(",", ",,")
-
-
-def qemu_command(dom: DomainDef, dirs: Dirs, formats: dict[str, str], *,
+def qemu_command(dom: DomainDef, paths: RunPaths, formats: dict[str, str], *,
                  paused: bool = False, incoming: bool = False) -> list[str]:
     """The QEMU command line of ``dom``; ``formats`` maps each dev to its image format."""
-    paths = Paths(dirs, dom.name)
     machine = f"{dom.machine},accel={dom.accel}" if dom.machine else f"accel={dom.accel}"
     cmd = [
         QEMU, "-name", f"guest={dom.name},process=snapfs:{dom.name}", "-uuid", dom.uuid,
         "-machine", machine, "-m", f"{dom.memory_mib}M", "-smp", str(dom.cpus),
         "-nodefaults", "-no-user-config", "-display", "none",
         "-daemonize", "-pidfile", str(paths.pid), "-D", str(paths.log),
-        "-qmp", f"unix:{_opt(str(paths.qmp))},server=on,wait=off",
+        "-qmp", f"unix:{qemu_opt(str(paths.qmp))},server=on,wait=off",
     ]
     if any(d.bus == "scsi" for d in dom.disks):
         cmd += ["-device", "virtio-scsi-pci,id=scsi0"]
     for index, disk in enumerate(dom.disks):
         node: dict[str, Any] = {"node-name": disk.dev, "driver": formats[disk.dev],
                                 "file": {"driver": "file", "filename": str(disk.file)}}
-        device: dict[str, Any] = {"driver": _BUS_DEVICE[disk.bus], "drive": disk.dev, "id": disk.dev}
+        device: dict[str, Any] = {"driver": _BUS_DEVICE[disk.bus], "drive": disk.dev,
+                                  "id": disk.dev}
         if disk.bus == "scsi":
             device["bus"] = "scsi0.0"
         if index == 0:
@@ -80,59 +65,37 @@ def qemu_command(dom: DomainDef, dirs: Dirs, formats: dict[str, str], *,
     return cmd + list(dom.extra_args)
 
 
-def last_words(dirs: Dirs, name: str) -> str:
+def last_words(paths: RunPaths) -> str:
     """QEMU's last error message: with -D, a daemonized QEMU keeps stderr in that log."""
     try:
-        lines = Paths(dirs, name).log.read_text(errors="replace").splitlines()
+        lines = paths.log.read_text(errors="replace").splitlines()
     except OSError:
         return ""
     errors = [line.removeprefix(f"{QEMU}: ") for line in lines if ": warning:" not in line]
     return "; ".join(errors[-2:])
 
 
-def read_position(dirs: Dirs, name: str, path: Path) -> int:
-    """How far the domain's QEMU has read ``path`` (its file offset), 0 if unknown."""
-    pid = running_pid(dirs, name)
-    if pid is None:
-        return 0
-    try:
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            if os.readlink(f"/proc/{pid}/fd/{fd}") == str(path):
-                info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
-                return int(info.split("pos:", 1)[1].split()[0])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
-def running_pid(dirs: Dirs, name: str) -> int | None:
+def running_pid(paths: RunPaths) -> int | None:
     """The pid of the domain's QEMU if it is alive, checked against its command line."""
-    paths = Paths(dirs, name)
     try:
         pid = int(paths.pid.read_text().strip())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, ValueError):
         return None
     # A recycled pid belongs to another program: trust it only if it is our QEMU.
-    if str(paths.qmp).replace(",", ",,").encode() not in cmdline:
-        return None
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    if stat.rsplit(")", 1)[1].split()[0] == "Z":
+    socket_arg = f"unix:{qemu_opt(str(paths.qmp))},server=on,wait=off"
+    if socket_arg not in procfs.cmdline(pid) or not procfs.alive(pid):
         return None
     return pid
 
 
-async def start(dirs: Dirs, dom: DomainDef, formats: dict[str, str], *, paused: bool = False,
-                incoming: bool = False) -> int:
+async def start(paths: RunPaths, dom: DomainDef, formats: dict[str, str], *,
+                paused: bool = False, incoming: bool = False) -> int:
     """Start QEMU daemonized; returns its pid once QMP answers.
 
     :raise AlreadyExists: when the domain already runs.
     :raise ConfigError: when it asks for KVM and the host has none.
     """
-    if running_pid(dirs, dom.name):
+    if running_pid(paths):
         raise AlreadyExists(f"domain {dom.name!r} is already running")
     if dom.accel == "kvm" and not kvm_device().exists():
         raise ConfigError(f"domain {dom.name!r} asks for accel = \"kvm\" but {kvm_device()} "
@@ -140,57 +103,53 @@ async def start(dirs: Dirs, dom: DomainDef, formats: dict[str, str], *, paused: 
     for disk in dom.disks:
         if not disk.file.exists():
             raise NotFound(f"domain {dom.name!r}: disk {disk.dev} file {disk.file} does not exist")
-    dirs.run.mkdir(mode=0o700, parents=True, exist_ok=True)
-    paths = Paths(dirs, dom.name)
+    paths.run.mkdir(mode=0o700, parents=True, exist_ok=True)
     for stale in (paths.qmp, paths.pid):
         stale.unlink(missing_ok=True)
-    await run_tool(qemu_command(dom, dirs, formats, paused=paused, incoming=incoming),
+    await run_tool(qemu_command(dom, paths, formats, paused=paused, incoming=incoming),
                    f"starting domain {dom.name!r}")
-    pid = running_pid(dirs, dom.name)
+    pid = running_pid(paths)
     if pid is None:
         raise QemuError(f"domain {dom.name!r}: QEMU exited right after starting: "
-                        f"{last_words(dirs, dom.name) or f'see {paths.log}'}")
+                        f"{last_words(paths) or f'see {paths.log}'}")
     return pid
 
 
-async def wait_exit(dirs: Dirs, name: str, pid: int) -> None:
-    while running_pid(dirs, name) == pid:
+async def wait_exit(paths: RunPaths, pid: int) -> None:
+    while running_pid(paths) == pid:
         await trio.sleep(0.02)
 
 
-async def quit(dirs: Dirs, name: str) -> None:
-    """Make QEMU exit now (QMP ``quit``, SIGKILL if it will not), and wait until it has."""
-    pid = running_pid(dirs, name)
+async def quit(paths: RunPaths, mon: qmp.Monitor | None = None) -> None:
+    """Make QEMU exit now (QMP ``quit`` through ``mon`` or a session of its own,
+    SIGKILL if it will not), and wait until it has."""
+    pid = running_pid(paths)
     if pid is None:
         return
     with trio.move_on_after(QMP_TIMEOUT):
         try:
-            async with qmp.connect(Paths(dirs, name).qmp) as mon:
+            if mon is not None:
                 await mon.execute("quit")
+            else:
+                async with qmp.connect(paths.qmp) as own:
+                    await own.execute("quit")
         except QemuError as err:
-            logger.warning("domain %s: quit over QMP failed (%s); killing pid %d", name, err, pid)
+            logger.warning("%s: quit over QMP failed (%s); killing pid %d", paths.qmp, err, pid)
             os.kill(pid, signal.SIGKILL)
-        await wait_exit(dirs, name, pid)
+        await wait_exit(paths, pid)
         return
-    logger.warning("domain %s: QEMU did not exit after quit; killing pid %d", name, pid)
+    logger.warning("%s: QEMU did not exit after quit; killing pid %d", paths.qmp, pid)
     os.kill(pid, signal.SIGKILL)
-    await wait_exit(dirs, name, pid)
+    await wait_exit(paths, pid)
 
 
-async def powerdown(dirs: Dirs, name: str, timeout: float) -> bool:
+async def powerdown(paths: RunPaths, mon: qmp.Monitor, timeout: float) -> bool:
     """ACPI power button, then wait up to ``timeout`` s; true if the guest shut down."""
-    pid = running_pid(dirs, name)
+    pid = running_pid(paths)
     if pid is None:
-        raise StateError(f"domain {name!r} is not running")
-    async with qmp.connect(Paths(dirs, name).qmp) as mon:
-        await mon.execute("system_powerdown")
+        raise StateError(f"{paths.qmp}: QEMU is not running")
+    await mon.execute("system_powerdown")
     with trio.move_on_after(timeout):
-        await wait_exit(dirs, name, pid)
+        await wait_exit(paths, pid)
         return True
     return False
-
-
-async def run_state(mon: qmp.Monitor) -> str:
-    """``running`` or ``paused`` (any stopped state: paused, inmigrate, postmigrate...)."""
-    status = await mon.execute("query-status")
-    return "running" if status.get("running") else "paused"

@@ -1,0 +1,215 @@
+"""One operation on one domain: its lock, journal, progress, error and trace.
+
+Operations on a domain are serialized across processes by an flock on its
+``.lock`` in the run dir (and by a trio lock within a process); different
+domains run side by side. While one runs, the domain's ``.op`` says what it
+is and how far it got; a failure's message is kept in ``.error`` for
+``.status``. The steps each operation records in the journal are the enums
+below: the code that takes a step and the recovery that reads it use the same
+name.
+"""
+
+import enum
+import fcntl
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import trio
+
+from . import trace
+from .config import Dirs, DomainDef, RunPaths
+from .errors import SnapfsError
+from .files import atomic_write
+from .journal import Entry, Journal
+from .status import Progress
+from .vm import Vm
+
+__all__ = ["OpName", "CreateStep", "ApplyStep", "DeleteStep", "DiskCreateStep",
+           "DiskDeleteStep", "Operation", "Records", "Locks", "run_operation"]
+
+logger = logging.getLogger(__name__)
+
+LOCK_POLL = 0.02
+
+
+class OpName(enum.StrEnum):
+    DOMAIN_START = "domain-start"
+    DOMAIN_STOP = "domain-stop"
+    VM_SNAPSHOT_CREATE = "vm-snapshot-create"
+    VM_SNAPSHOT_DELETE = "vm-snapshot-delete"
+    VM_SNAPSHOT_APPLY = "vm-snapshot-apply"
+    DISK_SNAPSHOT_CREATE = "disk-snapshot-create"
+    DISK_SNAPSHOT_DELETE = "disk-snapshot-delete"
+    DISK_SNAPSHOT_LIST = "disk-snapshot-list"
+    DISK_VIEW = "disk-view"
+    RECOVERY = "recovery"
+
+
+class CreateStep(enum.StrEnum):
+    """vm-snapshot-create, and the ``.undo`` save of an apply (prefixed ``undo:``)."""
+
+    DISKS = "disks"                 # shut off: qemu-img snapshot -c on each disk
+    STOP = "stop"                   # vCPUs stopped
+    TRANSACTION = "transaction"     # disk snapshots taken
+    MIGRATE = "migrate"             # memory being written
+    RESUME = "resume"               # vCPUs back in their state, image complete
+    RECORD = "record"               # info file written: the snapshot exists
+    CURRENT = "current"
+
+
+class ApplyStep(enum.StrEnum):
+    UNDO = "undo"                   # saving the state it replaces as .undo.next
+    QUIT = "quit"                   # the old QEMU is quit: past the point of no return
+    REVERT = "revert"               # disks reverted
+    RESTORE = "restore"             # memory loading
+    KEEP_UNDO = "keep-undo"         # .undo.next becomes .undo
+    CURRENT = "current"
+
+
+class DeleteStep(enum.StrEnum):
+    FORGET = "forget"
+
+
+class DiskCreateStep(enum.StrEnum):
+    SNAPSHOT = "snapshot"
+
+
+class DiskDeleteStep(enum.StrEnum):
+    DELETE = "delete"
+
+
+UNDO_PREFIX = "undo:"
+
+
+class Records:
+    """A domain's run-dir records of operations: progress, last error."""
+
+    def __init__(self, paths: RunPaths) -> None:
+        self.paths = paths
+
+    def record_error(self, message: str) -> None:
+        try:
+            self.paths.run.mkdir(mode=0o700, parents=True, exist_ok=True)
+            atomic_write(self.paths.error, f"{int(time.time())} {message}\n", mode=0o644,
+                         durable=False)
+        except OSError as err:
+            logger.warning("cannot record last error in %s: %s", self.paths.error, err)
+
+    def last_error(self) -> str:
+        try:
+            return self.paths.error.read_text().strip()
+        except OSError:
+            return ""
+
+    def write_progress(self, progress: Progress) -> None:
+        try:
+            atomic_write(self.paths.op, json.dumps(asdict(progress)), mode=0o644, durable=False)
+        except OSError as err:
+            logger.debug("cannot record progress in %s: %s", self.paths.op, err)
+
+    def read_progress(self) -> Progress | None:
+        """The operation in progress, if the process running it is alive (a dead
+        one's operation is the journal's to recover)."""
+        try:
+            progress = Progress(**json.loads(self.paths.op.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+        try:
+            os.kill(progress.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return None
+        return progress
+
+    def end_progress(self) -> None:
+        self.paths.op.unlink(missing_ok=True)
+
+
+@dataclass
+class Operation:
+    """What one running operation has: the domain at run time, its journal, its records."""
+
+    name: OpName
+    vm: Vm
+    journal: Journal
+    records: Records
+    progress: Progress
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    def begin(self, **facts: Any) -> None:
+        """Journal the operation: from here on a killed process is recovered."""
+        self.journal.begin(self.name.value, **facts)
+
+    def step(self, step: enum.StrEnum, prefix: str = "") -> None:
+        self.journal.step(prefix + step.value)
+
+    def report(self, phase: str, done: int = 0, total: int = 0) -> None:
+        """Publish how far the operation got (``.status``, the CLI's progress bar)."""
+        self.progress = replace(self.progress, phase=phase, done=done, total=total)
+        self.records.write_progress(self.progress)
+
+
+Recover = Callable[[Operation, Entry], Awaitable[None]]
+
+
+class Locks:
+    """The trio lock of each domain within this process; the flock serializes processes."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, trio.Lock] = {}
+
+    def of(self, name: str) -> trio.Lock:
+        return self._locks.setdefault(name, trio.Lock())
+
+
+async def _flock(fd: int) -> None:
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            await trio.sleep(LOCK_POLL)
+
+
+@asynccontextmanager
+async def run_operation(dirs: Dirs, definition: DomainDef, name: OpName, locks: Locks,
+                        recover: Recover) -> AsyncIterator[Operation]:
+    """Hold the domain's lock for operation ``name`` and yield it; a failure is
+    recorded as the domain's last_error. A journal left by a process that died
+    mid-operation is handed to ``recover`` first."""
+    dirs.ensure()
+    vm = Vm(dirs, definition)
+    records = Records(vm.paths)
+    try:
+        with trace.tracing(name.value, vm.name):
+            async with locks.of(vm.name):
+                fd = os.open(vm.paths.lock,
+                             os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+                try:
+                    with trace.phase("lock"):
+                        await _flock(fd)
+                    journal = Journal(dirs, vm.name)
+                    progress = Progress(name.value, pid=os.getpid(), started=time.time())
+                    op = Operation(name, vm, journal, records, progress)
+                    entry = journal.read()
+                    if entry is not None:
+                        with trace.phase("recover"):
+                            await recover(op, entry)
+                        journal.end()
+                    records.write_progress(progress)
+                    try:
+                        yield op
+                    finally:
+                        journal.end()
+                        records.end_progress()
+                        await vm.aclose()
+                finally:
+                    os.close(fd)
+    except SnapfsError as err:
+        records.record_error(f"{name.value}: {err}")
+        raise

@@ -1,0 +1,37 @@
+"""What a domain is doing: its run state, the operation in progress, its last error.
+
+Plain facts shared by the engine that records them and by the CLI and the tree
+that show them.
+"""
+
+import enum
+from dataclasses import dataclass
+
+__all__ = ["RunState", "Progress", "DomainStatus"]
+
+
+class RunState(enum.StrEnum):
+    """A domain's state as ``domain status`` and ``.status`` name it."""
+
+    RUNNING = "running"
+    PAUSED = "paused"       # QEMU alive, vCPUs stopped (paused, postmigrate, inmigrate...)
+    SHUTOFF = "shutoff"     # no QEMU
+
+
+@dataclass(frozen=True)
+class Progress:
+    operation: str
+    phase: str = ""             # what the operation is doing now, e.g. "saving memory"
+    done: int = 0               # bytes
+    total: int = 0
+    pid: int = 0
+    started: float = 0.0
+
+
+@dataclass(frozen=True)
+class DomainStatus:
+    name: str
+    state: str                  # a RunState's value
+    current: str
+    operation: Progress | None
+    last_error: str

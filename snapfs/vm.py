@@ -1,0 +1,231 @@
+"""One domain at run time, for the length of one operation.
+
+A ``Vm`` holds what every step of an operation needs and would otherwise
+derive again: the definition, the run-dir paths, the store, the image facts
+``qemu-img info`` gave (read once per disk), and one QMP session to its QEMU,
+opened on first use and kept until the operation ends (QEMU serves one client
+at a time, and each session costs a connection and a handshake).
+"""
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from . import images, qemu, qmp
+from .config import Dirs, Disk, DomainDef
+from .diskview import exported
+from .errors import AlreadyExists, Busy, NotSupported, QemuError, SnapfsError
+from .files import atomic_write
+from .images import DiskSnapshot
+from .status import RunState
+from .store import Store
+
+__all__ = ["Vm"]
+
+logger = logging.getLogger(__name__)
+
+STATUS_TIMEOUT = 2.0    # how long `domain status` waits for QEMU's answer
+
+
+class Vm:
+    """Domain ``definition`` over the directories ``dirs``."""
+
+    def __init__(self, dirs: Dirs, definition: DomainDef) -> None:
+        self.dirs = dirs
+        self.definition = definition
+        self.name = definition.name
+        self.paths = dirs.of(definition.name)
+        self.store = Store(dirs, definition.uuid)
+        self._monitor: qmp.Monitor | None = None
+        self._images: dict[Path, dict[str, Any]] = {}
+        self._formats: dict[Path, str] = {}
+
+    # -- the QEMU process ------------------------------------------------------
+
+    def pid(self) -> int | None:
+        return qemu.running_pid(self.paths)
+
+    @property
+    def running(self) -> bool:
+        """Whether its QEMU is alive (running or paused)."""
+        return self.pid() is not None
+
+    async def monitor(self) -> qmp.Monitor:
+        """The operation's QMP session, opened on first use."""
+        if self._monitor is None:
+            self._monitor = await qmp.open_monitor(self.paths.qmp)
+        return self._monitor
+
+    async def close_monitor(self) -> None:
+        mon, self._monitor = self._monitor, None
+        if mon is not None:
+            await mon.aclose()
+
+    async def aclose(self) -> None:
+        await self.close_monitor()
+
+    async def run_state(self) -> RunState:
+        """Shut off, or what QEMU says: running, or paused in any stopped state
+        (paused, inmigrate, postmigrate...)."""
+        if not self.running:
+            return RunState.SHUTOFF
+        status = await (await self.monitor()).execute("query-status")
+        return RunState.RUNNING if status.get("running") else RunState.PAUSED
+
+    async def observed_state(self, busy: bool) -> RunState:
+        """The run state without waiting: while an operation holds the monitor
+        (``busy``), or QEMU does not answer within STATUS_TIMEOUT, the state the
+        last operation recorded."""
+        if not self.running:
+            return RunState.SHUTOFF
+        state = self.remembered_state()
+        if not busy:
+            with trio.move_on_after(STATUS_TIMEOUT):
+                try:
+                    state = await self.run_state()
+                    self.remember_state(state)
+                except QemuError as err:
+                    logger.debug("status of %s: %s", self.name, err)
+            await self.aclose()
+        return state
+
+    def remember_state(self, state: RunState) -> None:
+        """Keep the state for ``domain status`` while an operation holds the monitor."""
+        try:
+            atomic_write(self.paths.state, state.value, mode=0o644, durable=False)
+        except OSError as err:
+            logger.debug("cannot record state of %s: %s", self.name, err)
+
+    def remembered_state(self) -> RunState:
+        try:
+            return RunState(self.paths.state.read_text().strip())
+        except (OSError, ValueError):
+            return RunState.RUNNING
+
+    async def start(self, definition: DomainDef | None = None, *, paused: bool = False,
+                    incoming: bool = False) -> None:
+        """Start QEMU from ``definition`` (the domain's own by default)."""
+        target = definition or self.definition
+        await self.close_monitor()
+        await qemu.start(self.paths, target, await self.formats(target), paused=paused,
+                         incoming=incoming)
+
+    async def quit(self) -> None:
+        """Make QEMU exit now, through the operation's session if one is open."""
+        if self.running:
+            await qemu.quit(self.paths, self._monitor)
+        await self.close_monitor()
+
+    # -- its disks ---------------------------------------------------------------
+
+    async def image_info(self, disk: Disk) -> dict[str, Any]:
+        """``qemu-img info`` of the disk's image, read once per operation (its
+        format and size do not change; its snapshot table does, see ``forget_images``)."""
+        info = self._images.get(disk.file)
+        if info is None:
+            info = self._images[disk.file] = await images.stable_info(disk.file)
+            self._formats[disk.file] = str(info["format"])
+        return info
+
+    def forget_images(self) -> None:
+        """The snapshot tables read are stale: a snapshot was made or removed."""
+        self._images.clear()
+
+    async def formats(self, definition: DomainDef | None = None) -> dict[str, str]:
+        """Each disk's image format, by dev."""
+        result = {}
+        for disk in (definition or self.definition).disks:
+            if disk.file not in self._formats:
+                await self.image_info(disk)
+            result[disk.dev] = self._formats[disk.file]
+        return result
+
+    async def require_qcow2(self) -> None:
+        """:raise NotSupported: when a disk cannot hold internal snapshots."""
+        for dev, fmt in (await self.formats()).items():
+            if fmt != "qcow2":
+                raise NotSupported(f"disk {dev} of {self.name!r} is {fmt}, not qcow2: "
+                                   "it cannot hold internal snapshots")
+
+    async def disk_snapshots(self, definition: DomainDef | None = None) -> list[DiskSnapshot]:
+        """Every disk's internal snapshots, in disk order then id order: from QEMU
+        when it runs (it has the images open), else from the images."""
+        disks = (definition or self.definition).disks
+        if not self.running:
+            result = []
+            for disk in disks:
+                info = await self.image_info(disk)
+                result += [DiskSnapshot.from_qemu(disk.dev, s) for s in info.get("snapshots", [])]
+            return result
+        nodes = await (await self.monitor()).execute("query-named-block-nodes", {"flat": True})
+        by_node = {n["node-name"]: n for n in nodes}
+        result = []
+        for disk in disks:
+            image = by_node.get(disk.dev, {}).get("image", {})
+            result += [DiskSnapshot.from_qemu(disk.dev, s) for s in image.get("snapshots", [])]
+        return result
+
+    async def check_tag_free(self, tag: str) -> None:
+        """:raise AlreadyExists: when a disk already has a snapshot ``tag``."""
+        taken = [s.dev for s in await self.disk_snapshots() if s.tag == tag]
+        if taken:
+            raise AlreadyExists(f"disk snapshot {tag!r} already exists on {', '.join(taken)}")
+
+    def viewed(self, tag: str) -> str:
+        """The dev of a disk whose snapshot ``tag`` is open as a disk view, by any
+        process ("" when none): deleting it then would make the view read freed
+        clusters."""
+        return next((d.dev for d in self.definition.disks
+                     if exported(self.dirs.run, d.file, tag)), "")
+
+    def refuse_viewed(self, tag: str) -> None:
+        """:raise Busy: when snapshot ``tag`` is open as a disk view."""
+        dev = self.viewed(tag)
+        if dev:
+            raise Busy(f"snapshot {tag!r} of disk {dev} is open as a disk view; close it first")
+
+    async def snapshot_disks(self, tag: str) -> None:
+        """One internal snapshot ``tag`` of every disk at one instant, all or none: a
+        QMP transaction when QEMU runs (call it with the vCPUs stopped for a VM
+        snapshot), ``qemu-img snapshot -c`` on each closed image otherwise."""
+        self.forget_images()
+        if self.running:
+            actions = [{"type": "blockdev-snapshot-internal-sync",
+                        "data": {"device": d.dev, "name": tag}} for d in self.definition.disks]
+            await (await self.monitor()).execute("transaction", {"actions": actions})
+            return
+        done: list[Path] = []
+        try:
+            for disk in self.definition.disks:
+                await images.snapshot_create(disk.file, tag)
+                done.append(disk.file)
+        except SnapfsError:
+            with trio.CancelScope(shield=True):
+                for path in done:
+                    await images.snapshot_delete(path, tag)
+            raise
+
+    async def delete_disk_tag(self, tag: str) -> None:
+        """Delete snapshot ``tag`` from every disk that has it (a dead process may
+        have left it on some only)."""
+        table = await self.disk_snapshots()
+        self.forget_images()
+        for disk in self.definition.disks:
+            snaps = [s for s in table if s.dev == disk.dev]
+            if not any(s.tag == tag for s in snaps):
+                continue
+            if self.running:
+                await (await self.monitor()).execute(
+                    "blockdev-snapshot-delete-internal-sync", {"device": disk.dev, "name": tag})
+            else:
+                await images.snapshot_delete(disk.file, tag, snaps)
+
+    async def forget(self, name: str, tag: str) -> None:
+        """Remove VM snapshot ``name``, whatever state it is in: its info file first,
+        so it is gone at once, then its disk snapshots and files (a dead process's
+        journal finishes the job)."""
+        await trio.to_thread.run_sync(self.store.info_path(name).unlink, True)
+        await self.delete_disk_tag(tag)
+        await trio.to_thread.run_sync(self.store.remove, name)
