@@ -83,7 +83,7 @@ def main() -> None:
         sh(f"rmdir {MNT}/demo/from-the-shell")
     sh("snapfs vm-snapshot-delete -n first demo")
     sh("snapfs vm-snapshot-create -n kept demo")
-    print(f"\n# The demo domain keeps running" + (f" and its tree stays mounted: ls {MNT}/demo"
+    print("\n# The demo domain keeps running" + (f" and its tree stays mounted: ls {MNT}/demo"
                                                  if MNT.is_mount() else "") + ".")
     print(f"# Try: {' '.join(f'{k}={v}' for k, v in DIRS.items())} {shlex.quote(SNAPFS)} vm-snapshot-list demo")
     print("# Take it down with: scripts/demo stop")
