@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import AlreadyExists, ConfigError, InvalidName, NameTooLong, NotFound
-from .files import atomic_write, read_text_nofollow
+from .files import atomic_write, make_dirs, read_text_nofollow
 
 __all__ = [
     "Dirs", "RunPaths", "Disk", "DomainDef", "parse_domain", "load_domain", "list_domains",
@@ -76,7 +76,7 @@ class Dirs:
     def ensure(self) -> None:
         """Create the state and run dirs root-only: they hold guest memory and sockets."""
         for path in (self.state, self.run, self.state / "snapshots"):
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            make_dirs(path, 0o700)
 
 
 def nbd_dir(run: Path | str) -> Path:
@@ -338,6 +338,6 @@ def define_domain(dirs: Dirs, source: Path) -> DomainDef:
         raise AlreadyExists(f"a domain named {domain.name!r} is already defined ({path})")
     if not domain.uuid:
         domain = DomainDef(**{**domain.__dict__, "uuid": str(uuidlib.uuid4())})
-    dirs.domains.mkdir(mode=0o755, parents=True, exist_ok=True)
+    make_dirs(dirs.domains, 0o755)
     atomic_write(path, domain.to_toml(), mode=0o644)
     return domain

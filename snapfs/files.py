@@ -1,9 +1,16 @@
 """Small file primitives every writer in snapfs uses: atomic replace, safe opens."""
 
 import os
+import re
 from pathlib import Path
 
-__all__ = ["atomic_write", "fsync_dir", "read_text_nofollow"]
+from . import procfs
+
+# What atomic_write names its temporary: ".<name>.tmp<pid>".
+_TEMPORARY = re.compile(r"\..+\.tmp(\d+)")
+
+__all__ = ["atomic_write", "fsync_dir", "read_text_nofollow", "make_dirs",
+           "remove_stale_temporaries"]
 
 
 def fsync_dir(path: Path) -> None:
@@ -51,3 +58,35 @@ def read_text_nofollow(path: Path, limit: int = 1 << 20) -> str:
     if len(data) > limit:
         raise ValueError(f"{path} is larger than {limit} bytes")
     return data.decode()
+
+
+def make_dirs(path: Path, mode: int) -> None:
+    """``mkdir -p`` where every directory made gets ``mode`` whatever the umask
+    (``Path.mkdir(parents=True)`` gives the parents the umask's mode)."""
+    if path.is_dir():
+        return
+    make_dirs(path.parent, mode)
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        return
+    os.chmod(path, mode)
+
+
+def remove_stale_temporaries(directory: Path) -> int:
+    """Remove what ``atomic_write`` calls left behind when their process was killed
+    (their pid is gone); returns how many."""
+    removed = 0
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return 0
+    for name in names:
+        match = _TEMPORARY.fullmatch(name)
+        if match and not procfs.alive(int(match[1])):
+            try:
+                os.unlink(directory / name)
+                removed += 1
+            except FileNotFoundError:
+                pass
+    return removed

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import Dirs
+from .files import make_dirs
 
 __all__ = ["Journal", "Entry"]
 
@@ -64,7 +65,7 @@ class Journal:
         os.replace(tmp, self.path)
 
     def begin(self, operation: str, **facts: Any) -> None:
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_dirs(self.path.parent, 0o700)
         self.entry = Entry(operation, facts)
         self._write(durable=True)
 

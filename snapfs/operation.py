@@ -25,7 +25,7 @@ import trio
 from . import trace
 from .config import Dirs, DomainDef, RunPaths
 from .errors import SnapfsError
-from .files import atomic_write
+from .files import atomic_write, make_dirs, remove_stale_temporaries
 from .journal import Entry, Journal
 from .status import Progress
 from .vm import Vm
@@ -73,6 +73,7 @@ class ApplyStep(enum.StrEnum):
 
 
 class DeleteStep(enum.StrEnum):
+    REPARENT = "reparent"           # its children get its parent; current moves up
     FORGET = "forget"
 
 
@@ -95,7 +96,7 @@ class Records:
 
     def record_error(self, message: str) -> None:
         try:
-            self.paths.run.mkdir(mode=0o700, parents=True, exist_ok=True)
+            make_dirs(self.paths.run, 0o700)
             atomic_write(self.paths.error, f"{int(time.time())} {message}\n", mode=0o644,
                          durable=False)
         except OSError as err:
@@ -201,6 +202,9 @@ async def run_operation(dirs: Dirs, definition: DomainDef, name: OpName, locks: 
                         with trace.phase("recover"):
                             await recover(op, entry)
                         journal.end()
+                    # A killed process's half-written records, whatever it was doing.
+                    for where in (dirs.run, dirs.journals, vm.store.dir):
+                        remove_stale_temporaries(where)
                     records.write_progress(progress)
                     try:
                         yield op

@@ -16,6 +16,7 @@ import trio
 from . import procfs, qmp
 from .config import DomainDef, RunPaths
 from .errors import AlreadyExists, ConfigError, NotFound, QemuError, StateError
+from .files import make_dirs
 from .images import qemu_opt, run_tool
 
 __all__ = ["qemu_command", "running_pid", "start", "quit", "powerdown", "kvm_device",
@@ -103,11 +104,23 @@ async def start(paths: RunPaths, dom: DomainDef, formats: dict[str, str], *,
     for disk in dom.disks:
         if not disk.file.exists():
             raise NotFound(f"domain {dom.name!r}: disk {disk.dev} file {disk.file} does not exist")
-    paths.run.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for stale in (paths.qmp, paths.pid):
+    make_dirs(paths.run, 0o700)
+    for stale in (paths.qmp, paths.pid, paths.log):
         stale.unlink(missing_ok=True)
-    await run_tool(qemu_command(dom, paths, formats, paused=paused, incoming=incoming),
-                   f"starting domain {dom.name!r}")
+    # QEMU opens its -D log with fopen(): made here first, root-only, so neither
+    # a symlink planted in its place nor the umask decides where or how it writes.
+    os.close(os.open(paths.log, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600))
+    try:
+        await run_tool(qemu_command(dom, paths, formats, paused=paused, incoming=incoming),
+                       f"starting domain {dom.name!r}")
+    except QemuError as err:
+        # A daemonized QEMU reports why it could not start in its -D log, not on
+        # stderr: that reason is the message, not "exit status 1".
+        words = last_words(paths)
+        if not words:
+            raise
+        raise QemuError(f"starting domain {dom.name!r} failed: {words}") from err
     pid = running_pid(paths)
     if pid is None:
         raise QemuError(f"domain {dom.name!r}: QEMU exited right after starting: "
@@ -137,10 +150,12 @@ async def quit(paths: RunPaths, mon: qmp.Monitor | None = None) -> None:
             logger.warning("%s: quit over QMP failed (%s); killing pid %d", paths.qmp, err, pid)
             os.kill(pid, signal.SIGKILL)
         await wait_exit(paths, pid)
+        paths.pid.unlink(missing_ok=True)  # stopped on purpose: not a crash
         return
     logger.warning("%s: QEMU did not exit after quit; killing pid %d", paths.qmp, pid)
     os.kill(pid, signal.SIGKILL)
     await wait_exit(paths, pid)
+    paths.pid.unlink(missing_ok=True)
 
 
 async def powerdown(paths: RunPaths, mon: qmp.Monitor, timeout: float) -> bool:

@@ -21,8 +21,8 @@ from pathlib import Path
 import trio
 
 from .config import Dirs, check_snapshot_name
-from .errors import ConfigError, NotFound
-from .files import atomic_write, read_text_nofollow
+from .errors import ConfigError, NotFound, SnapfsError
+from .files import atomic_write, make_dirs, read_text_nofollow
 
 __all__ = ["VmSnapshot", "Store", "FileReader", "GrowingHash", "format_info", "parse_info",
            "sha256_file"]
@@ -186,7 +186,7 @@ class Store:
         self.dir = dirs.state / "snapshots" / uuid
 
     def ensure(self) -> None:
-        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_dirs(self.dir, 0o700)
 
     def _check(self, name: str) -> str:
         return name if name in (UNDO, UNDO_NEXT) else check_snapshot_name(name)
@@ -266,6 +266,14 @@ class Store:
         self.info_path(src).unlink()
 
     def current(self) -> str:
+        """The snapshot last created or applied, if it still exists: never a dangling name."""
+        name = self._current_name()
+        try:
+            return name if name and self.exists(name) else ""
+        except SnapfsError:
+            return ""
+
+    def _current_name(self) -> str:
         try:
             return read_text_nofollow(self.dir / "current", limit=256).strip()
         except (OSError, ValueError, UnicodeDecodeError):
@@ -273,7 +281,28 @@ class Store:
 
     def set_current(self, name: str) -> None:
         self.ensure()
-        atomic_write(self.dir / "current", name + "\n", mode=0o600)
+        if name:
+            atomic_write(self.dir / "current", name + "\n", mode=0o600)
+        else:
+            (self.dir / "current").unlink(missing_ok=True)
+
+    def reparent(self, gone: str, parent: str) -> None:
+        """Snapshot ``gone`` is being deleted: its children get its ``parent``, and if it
+        was current, ``parent`` is (or none is). Safe to repeat after an interruption."""
+        if parent == gone:
+            parent = ""
+        for name in self.names() + ([UNDO_NEXT] if self.exists(UNDO_NEXT) else []):
+            if name == gone:
+                continue
+            try:
+                snap = self.read(name)
+            except SnapfsError:
+                continue
+            if snap.parent == gone:
+                atomic_write(self.info_path(name), format_info(replace(snap, parent=parent)),
+                             mode=0o600)
+        if self._current_name() == gone:
+            self.set_current(parent)
 
 
 class FileReader:

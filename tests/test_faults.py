@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from conftest import Env
+from qmpsync import QMP, hmp
 from test_recovery import assert_consistent, disk_tags, info_tags, store_dir
 
 DEVS = ("vda", "vdb")
@@ -65,7 +66,8 @@ def test_qemu_dies_during_a_save(env: Env) -> None:
     assert "exited during the snapshot" in err and "no snapshot was kept" in err, err
     assert "Traceback" not in err
     status = json.loads(env.snapfs("domain", "status", "--json", "dies").stdout)
-    assert status["state"] == "shutoff"
+    assert status["state"] == "crashed", status
+    assert "exited without being stopped" in status["reason"], status
     assert "doomed" not in info_tags(env, "dies")
     assert all("doomed" not in disk_tags(env, dev, "dies") for dev in DEVS)
     assert not tmp.exists()
@@ -189,3 +191,56 @@ def test_progress_is_published_while_memory_is_saved(env: Env) -> None:
     finally:
         env.kill_all()
         shutil.rmtree(ram.parent, ignore_errors=True)
+
+
+def test_files_are_made_root_only_whatever_the_umask_and_no_symlink_is_followed(
+        env: Env, tmp_path: Path) -> None:
+    fresh = tmp_path / "fresh"
+    dirs = ["--config-dir", str(fresh / "etc"), "--state-dir", str(fresh / "lib"),
+            "--run-dir", str(fresh / "run")]
+    toml = env.write_definition("um")
+    proc = subprocess.run([sys.executable, "-m", "snapfs.cli", *dirs, "domain", "define",
+                           str(toml)], capture_output=True, text=True,
+                          preexec_fn=lambda: os.umask(0))
+    assert proc.returncode == 0, proc.stderr
+    assert (fresh / "etc").stat().st_mode & 0o777 == 0o755
+    assert (fresh / "etc" / "domains").stat().st_mode & 0o777 == 0o755
+
+    # A symlink planted where QEMU writes its log: the target is left alone and
+    # the log is made root-only, whatever the umask.
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    (fresh / "run").mkdir(mode=0o700)
+    (fresh / "run" / "um.log").symlink_to(victim)
+    stale = fresh / "run" / ".um.op.tmp999999999"
+    stale.write_text("left by a killed process")
+    proc = subprocess.run([sys.executable, "-m", "snapfs.cli", *dirs, "domain", "start", "um"],
+                          capture_output=True, text=True, preexec_fn=lambda: os.umask(0))
+    try:
+        assert proc.returncode == 0, proc.stderr
+        assert victim.read_text() == "precious\n"
+        log = fresh / "run" / "um.log"
+        assert not log.is_symlink() and log.stat().st_mode & 0o777 == 0o600
+        subprocess.run([sys.executable, "-m", "snapfs.cli", *dirs, "vm-snapshot-create", "-n",
+                        "s", "um"], check=True, capture_output=True)
+        assert not stale.exists(), "recovery removes a dead process's temporaries"
+    finally:
+        subprocess.run([sys.executable, "-m", "snapfs.cli", *dirs, "domain", "stop", "--force",
+                        "um"], capture_output=True)
+
+
+def test_a_guest_qemu_stopped_on_an_error_is_crashed_with_the_reason(env: Env) -> None:
+    env.define("pan", extra='extra_args = ["-device", "pvpanic", "-action", "panic=pause"]')
+    env.start("pan")
+    with QMP(env.qmp_path("pan")) as qmp:
+        # What a panicking guest kernel does: write "panicked" to the pvpanic port.
+        hmp(qmp, "o /b 0x505 1")
+        assert qmp.cmd("query-status")["status"] == "guest-panicked"
+    status = json.loads(env.snapfs("domain", "status", "--json", "pan").stdout)
+    assert status["state"] == "crashed", status
+    assert "guest-panicked" in status["reason"], status
+    out = env.snapfs("domain", "status", "pan").stdout
+    assert "crashed" in out and "domain start" in out, out
+    env.snapfs("domain", "stop", "--force", "pan")
+    status = json.loads(env.snapfs("domain", "status", "--json", "pan").stdout)
+    assert status["state"] == "shutoff", "a stop is not a crash"
