@@ -20,6 +20,7 @@ import trio
 from .config import Dirs
 from .engine import Engine
 from .errors import SnapfsError
+from .store import VmSnapshot
 from .tasks import cause
 
 __all__ = ["main"]
@@ -78,6 +79,9 @@ async def cmd_domain(engine: Engine, args: argparse.Namespace) -> None:
         rows = [[s.name, s.state, s.current or "-",
                  s.operation.operation if s.operation else "-"] for s in statuses]
         _print_table(rows, ["NAME", "STATE", "CURRENT", "OPERATION"])
+        if args.verb == "status" and statuses[0].reason:
+            print(f"crashed: {statuses[0].reason}; `snapfs domain start {args.domain}` starts it "
+                  "again (its running state is lost: vm-snapshot-apply brings one back)")
         if args.verb == "status" and statuses[0].last_error:
             print(f"last error: {statuses[0].last_error}")
 
@@ -132,12 +136,39 @@ async def cmd_vm_snapshot(engine: Engine, args: argparse.Namespace) -> None:
               f"{' (paused)' if args.paused else ''}")
     elif args.verb == "list":
         snaps = await engine.vm_snapshot_list(args.domain)
+        if args.tree:
+            print("\n".join(_lineage(snaps)))
+            return
         if args.json:
             _json([{**asdict(s), "save": str(s.save) if s.save else None} for s in snaps])
             return
         _print_table([[s.name, _time(s.creation_time), s.state,
                        _human_size(s.save_size) if s.save else "-", s.parent or "-"]
                       for s in snaps], ["NAME", "CREATED", "STATE", "SAVE SIZE", "PARENT"])
+
+
+def _lineage(snaps: list[VmSnapshot]) -> list[str]:
+    """The snapshots as a tree of parents and children, drawn as ``virsh snapshot-list
+    --tree`` draws it; a snapshot whose parent is not listed is a root."""
+    names = {s.name for s in snaps}
+    children: dict[str, list[str]] = {}
+    for snap in snaps:
+        parent = snap.parent if snap.parent in names and snap.parent != snap.name else ""
+        children.setdefault(parent, []).append(snap.name)
+    lines: list[str] = []
+
+    def draw(name: str, prefix: str, last: bool, root: bool) -> None:
+        lines.append(name if root else f"{prefix}+- {name}")
+        below = children.get(name, [])
+        inner = prefix if root else prefix + ("    " if last else "|   ")
+        for index, child in enumerate(below):
+            lines.append(f"{inner}|")
+            draw(child, inner, index == len(below) - 1, False)
+
+    for root in children.get("", []):
+        draw(root, "", True, True)
+        lines.append("")
+    return lines[:-1]
 
 
 async def cmd_disk_snapshot(engine: Engine, args: argparse.Namespace) -> None:
@@ -204,7 +235,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("live", "paused"), default="live",
                    help="live: memory written while the VM runs (default); paused: stop-and-save")
     add("vm-snapshot-delete", cmd_vm_snapshot, "delete", "delete a VM snapshot", "required")
-    add("vm-snapshot-list", cmd_vm_snapshot, "list", "list VM snapshots", "none", json_opt=True)
+    p = add("vm-snapshot-list", cmd_vm_snapshot, "list", "list VM snapshots", "none",
+            json_opt=True)
+    p.add_argument("--tree", action="store_true", help="draw the snapshots' lineage")
     p = add("vm-snapshot-apply", cmd_vm_snapshot, "apply", "revert the domain", "required")
     p.add_argument("--paused", action="store_true", help="leave the restored domain paused")
     p.add_argument("--no-undo", action="store_true",

@@ -123,9 +123,10 @@ class Engine:
         vm = Vm(self.dirs, self.domain(name))
         await self.recover(name)
         op = self.progress(name)
-        state = await vm.observed_state(busy=op is not None)
+        state, reason = await vm.observed_state(busy=op is not None)
         current = await trio.to_thread.run_sync(vm.store.current)
-        return DomainStatus(name, state.value, current, op, Records(vm.paths).last_error())
+        return DomainStatus(name, state.value, current, op, Records(vm.paths).last_error(),
+                            reason)
 
     # -- disk snapshots ---------------------------------------------------------
 
@@ -201,7 +202,9 @@ class Engine:
         async with self._operation(name, OpName.VM_SNAPSHOT_DELETE) as op:
             snap = await trio.to_thread.run_sync(op.vm.store.read, snapshot)
             op.vm.refuse_viewed(snap.disk_tag)
-            op.begin(snapshot=snapshot, tag=snap.disk_tag)
+            op.begin(snapshot=snapshot, tag=snap.disk_tag, parent=snap.parent)
+            op.step(DeleteStep.REPARENT)
+            await trio.to_thread.run_sync(op.vm.store.reparent, snapshot, snap.parent)
             op.step(DeleteStep.FORGET)
             await op.vm.forget(snap.name, snap.disk_tag)
 

@@ -5,7 +5,8 @@ step it records:
 
     disk-snapshot-create   rolled back: the tag removed from every disk that has it
     disk-snapshot-delete   rolled forward: the tag removed from every disk
-    vm-snapshot-delete     rolled forward: info file, disk tags, files removed
+    vm-snapshot-delete     rolled forward: children re-parented, current moved up,
+                           info file, disk tags, files removed
     vm-snapshot-create     rolled back unless ``record`` was reached: the QEMU
                            settled (migration cancelled, vCPUs as they were),
                            the partial save image and the tags removed
@@ -45,6 +46,8 @@ async def recover(op: Operation, entry: Entry) -> None:
             if entry.steps:
                 await op.vm.delete_disk_tag(facts["tag"])
         elif operation is OpName.VM_SNAPSHOT_DELETE:
+            await trio.to_thread.run_sync(op.vm.store.reparent, facts["snapshot"],
+                                          facts.get("parent", ""))
             await op.vm.forget(facts["snapshot"], facts["tag"])
         elif operation is OpName.VM_SNAPSHOT_CREATE:
             await _recover_create(op, facts["snapshot"], facts["tag"], RunState(facts["state"]),

@@ -16,6 +16,7 @@ class RunState(enum.StrEnum):
     RUNNING = "running"
     PAUSED = "paused"       # QEMU alive, vCPUs stopped (paused, postmigrate, inmigrate...)
     SHUTOFF = "shutoff"     # no QEMU
+    CRASHED = "crashed"     # QEMU stopped the guest on an error, or died without a stop
 
 
 @dataclass(frozen=True)
@@ -35,3 +36,4 @@ class DomainStatus:
     current: str
     operation: Progress | None
     last_error: str
+    reason: str = ""            # why it is crashed, in QEMU's words where it gave any

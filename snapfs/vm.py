@@ -27,6 +27,9 @@ __all__ = ["Vm"]
 logger = logging.getLogger(__name__)
 
 STATUS_TIMEOUT = 2.0    # how long `domain status` waits for QEMU's answer
+# QEMU's run states in which the guest cannot go on: a KVM internal error, a
+# guest kernel panic reported through pvpanic.
+CRASH_STATUSES = ("internal-error", "guest-panicked")
 
 
 class Vm:
@@ -74,22 +77,32 @@ class Vm:
         status = await (await self.monitor()).execute("query-status")
         return RunState.RUNNING if status.get("running") else RunState.PAUSED
 
-    async def observed_state(self, busy: bool) -> RunState:
-        """The run state without waiting: while an operation holds the monitor
-        (``busy``), or QEMU does not answer within STATUS_TIMEOUT, the state the
-        last operation recorded."""
+    async def observed_state(self, busy: bool) -> tuple[RunState, str]:
+        """The run state and, when crashed, why; without waiting: while an operation
+        holds the monitor (``busy``), or QEMU does not answer within
+        STATUS_TIMEOUT, the state the last operation recorded."""
         if not self.running:
-            return RunState.SHUTOFF
-        state = self.remembered_state()
+            # QEMU removes its pidfile when it exits, and snapfs when it kills it.
+            if self.paths.pid.exists():
+                return RunState.CRASHED, "QEMU exited without being stopped" + (
+                    f": {qemu.last_words(self.paths)}" if qemu.last_words(self.paths) else "")
+            return RunState.SHUTOFF, ""
+        state, reason = self.remembered_state(), ""
         if not busy:
             with trio.move_on_after(STATUS_TIMEOUT):
                 try:
-                    state = await self.run_state()
+                    status = await (await self.monitor()).execute("query-status")
+                    state = RunState.RUNNING if status.get("running") else RunState.PAUSED
+                    if status.get("status") in CRASH_STATUSES:
+                        state = RunState.CRASHED
+                        words = qemu.last_words(self.paths)
+                        reason = f"QEMU stopped the guest: {status['status']}" + (
+                            f" ({words})" if words else "")
                     self.remember_state(state)
                 except QemuError as err:
                     logger.debug("status of %s: %s", self.name, err)
             await self.aclose()
-        return state
+        return state, reason
 
     def remember_state(self, state: RunState) -> None:
         """Keep the state for ``domain status`` while an operation holds the monitor."""

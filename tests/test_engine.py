@@ -393,3 +393,45 @@ def test_keep_undo_false_in_the_definition(env: Env) -> None:
     assert env.run_state("nokeep") == "running"
     assert not list((env.state / "snapshots").glob("*/snapshotdata-.undo*.xl"))
     assert [t for t in qemu_img_tags(disk_file(env, "vda", "nokeep"))] == ["k1"]
+
+
+def test_a_start_failure_says_what_qemu_said(env: Env) -> None:
+    toml = env.write_definition("lk1")
+    env.snapfs("domain", "define", str(toml))
+    twin = env.root / "lk2.toml"
+    twin.write_text(toml.read_text().replace('name = "lk1"', 'name = "lk2"'))
+    env.snapfs("domain", "define", str(twin))
+    env.start("lk1")
+    message = env.fails("domain", "start", "lk2")
+    assert 'Failed to get "write" lock' in message, message
+    assert "exit status" not in message
+
+
+def test_lineage_stays_true_through_deletes(env: Env) -> None:
+    env.define("lin")
+
+    def parents() -> dict[str, str]:
+        listed = json.loads(env.snapfs("vm-snapshot-list", "--json", "lin").stdout)
+        return {s["name"]: s["parent"] for s in listed}
+
+    def current() -> str:
+        return str(json.loads(env.snapfs("domain", "status", "--json", "lin").stdout)["current"])
+
+    for name in ("a", "b", "c"):
+        env.snapfs("vm-snapshot-create", "-n", name, "lin")
+    assert parents() == {"a": "", "b": "a", "c": "b"}
+    assert env.snapfs("vm-snapshot-list", "--tree", "lin").stdout.splitlines() == [
+        "a", "|", "+- b", "    |", "    +- c"]
+    env.snapfs("vm-snapshot-delete", "-n", "b", "lin")
+    assert parents() == {"a": "", "c": "a"}, "a child takes its deleted parent's parent"
+    assert current() == "c"
+    env.snapfs("vm-snapshot-delete", "-n", "c", "lin")
+    assert current() == "a", "the current one's parent becomes current"
+    env.snapfs("vm-snapshot-create", "-n", "dup", "lin")
+    env.snapfs("vm-snapshot-delete", "-n", "dup", "lin")
+    env.snapfs("vm-snapshot-create", "-n", "dup", "lin")
+    assert parents()["dup"] == "a", "a name taken again is not its own parent"
+    env.snapfs("vm-snapshot-delete", "-n", "a", "lin")
+    assert parents() == {"dup": ""}
+    env.snapfs("vm-snapshot-delete", "-n", "dup", "lin")
+    assert current() == "", "no current snapshot rather than a deleted one"

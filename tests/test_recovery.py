@@ -110,13 +110,20 @@ def test_apply_killed(rec: Env, step: str) -> None:
         assert ".undo" in info_tags(rec)
 
 
-def test_delete_killed(rec: Env) -> None:
-    rec.snapfs("vm-snapshot-create", "-n", "d1", DOM)
-    die_at(rec, "vm-snapshot-delete:forget", "vm-snapshot-delete", "-n", "d1", DOM)
+@pytest.mark.parametrize("step", ["reparent", "forget"])
+def test_delete_killed(rec: Env, step: str) -> None:
+    rec.snapfs("vm-snapshot-create", "-n", f"d1{step}", DOM)
+    rec.snapfs("vm-snapshot-create", "-n", f"d2{step}", DOM)
+    parent = json.loads(rec.snapfs("vm-snapshot-list", "--json", DOM).stdout)
+    parent_of_d1 = {s["name"]: s["parent"] for s in parent}[f"d1{step}"]
+    die_at(rec, f"vm-snapshot-delete:{step}", "vm-snapshot-delete", "-n", f"d1{step}", DOM)
     assert_running(rec)
     assert_consistent(rec)
-    assert "d1" not in info_tags(rec)
-    assert all("d1" not in disk_tags(rec, dev) for dev in DEVS)
+    assert f"d1{step}" not in info_tags(rec)
+    assert all(f"d1{step}" not in disk_tags(rec, dev) for dev in DEVS)
+    listed = {s["name"]: s["parent"] for s in
+              json.loads(rec.snapfs("vm-snapshot-list", "--json", DOM).stdout)}
+    assert listed[f"d2{step}"] == parent_of_d1, "the child took the deleted one's parent"
 
 
 def test_disk_snapshot_create_and_delete_killed(rec: Env) -> None:
