@@ -109,18 +109,21 @@ async def list_snapshots(dev: str, path: Path) -> list[DiskSnapshot]:
     return [DiskSnapshot.from_qemu(dev, s) for s in info.get("snapshots", [])]
 
 
-async def _check_unambiguous(path: Path, tag: str, table: list[DiskSnapshot] | None) -> None:
-    """qemu-img looks a snapshot up by id before name: refuse when another snapshot's id
-    equals this tag, or the wrong one would be touched. ``table`` is the image's
-    snapshots if the caller has read them since they last changed; only a tag of
-    digits can equal an id, so only then is the image read again."""
-    if table is None or tag.isdigit():
+async def _snapshot_id(path: Path, tag: str, table: list[DiskSnapshot] | None) -> str:
+    """The id of the image's snapshot named ``tag``. ``qemu-img snapshot -a`` looks a
+    snapshot up by id before name, so a name of digits (the default name is epoch
+    seconds) could be another snapshot's id; by its own id, a snapshot is never
+    mistaken. Ids do not change while a snapshot exists, so ``table`` may be any
+    the caller read since (None: read it now)."""
+    if table is None:
         table = await list_snapshots("", path)
-    if not any(s.tag == tag for s in table):
+    ids = [s.id for s in table if s.tag == tag]
+    if not ids:
         raise NotFound(f"disk {path} has no snapshot {tag!r}")
-    if any(s.id == tag and s.tag != tag for s in table):
-        raise StateError(f"snapshot name {tag!r} on {path} equals another snapshot's id; "
-                         "use the id to address it")
+    if len(ids) > 1:
+        raise StateError(f"disk {path} has {len(ids)} snapshots named {tag!r} "
+                         f"(ids {', '.join(ids)}): delete the extra ones by id")
+    return ids[0]
 
 
 async def snapshot_create(path: Path, tag: str) -> None:
@@ -129,12 +132,13 @@ async def snapshot_create(path: Path, tag: str) -> None:
 
 
 async def snapshot_delete(path: Path, tag: str, table: list[DiskSnapshot] | None = None) -> None:
-    await _check_unambiguous(path, tag, table)
+    # ``snapshot -d`` (QEMU 7.2) looks the snapshot up by name only.
+    await _snapshot_id(path, tag, table)
     await run_tool(["qemu-img", "snapshot", "-d", tag, "--", str(path)],
                    f"deleting snapshot {tag!r} on {path}")
 
 
 async def snapshot_apply(path: Path, tag: str, table: list[DiskSnapshot] | None = None) -> None:
-    await _check_unambiguous(path, tag, table)
-    await run_tool(["qemu-img", "snapshot", "-a", tag, "--", str(path)],
+    ident = await _snapshot_id(path, tag, table)
+    await run_tool(["qemu-img", "snapshot", "-a", ident, "--", str(path)],
                    f"reverting {path} to snapshot {tag!r}")

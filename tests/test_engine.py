@@ -435,3 +435,36 @@ def test_lineage_stays_true_through_deletes(env: Env) -> None:
     assert parents() == {"dup": ""}
     env.snapfs("vm-snapshot-delete", "-n", "dup", "lin")
     assert current() == "", "no current snapshot rather than a deleted one"
+
+
+def test_names_of_digits_are_never_taken_for_ids(env: Env) -> None:
+    env.define("dig", devs=("vda", "vdb"))
+    vdb = disk_file(env, "vdb", "dig")
+
+    def write(pattern: int) -> None:
+        subprocess.run(["qemu-io", "-c", f"write -P {pattern:#x} 1M 64k", str(vdb)], check=True,
+                       capture_output=True)
+
+    write(0x11)
+    env.snapfs("vm-snapshot-create", "-n", "first", "dig")     # qcow2 id 1
+    write(0x22)
+    env.snapfs("vm-snapshot-create", "-n", "1", "dig")         # named like id 1
+    assert qemu_img_tags(vdb) == {"first": "1", "1": "2"}
+    write(0x33)
+    env.snapfs("vm-snapshot-apply", "-n", "1", "dig")
+    assert read_image(vdb, 1 * MiB) == b"\x22" * (64 << 10), "snapshot '1', not id 1"
+    env.snapfs("vm-snapshot-delete", "-n", "1", "dig")
+    assert "first" in qemu_img_tags(vdb) and "1" not in qemu_img_tags(vdb)
+    env.snapfs("vm-snapshot-apply", "-n", "first", "dig")
+    assert read_image(vdb, 1 * MiB) == b"\x11" * (64 << 10)
+
+    env.start("dig")
+    env.snapfs("vm-snapshot-create", "-n", "1", "dig")   # "first" is still id 1
+    assert qemu_img_tags(vdb)["first"] == "1"
+    time.sleep(1)
+    before = env.counter("dig")
+    env.snapfs("vm-snapshot-apply", "-n", "1", "dig")
+    assert env.run_state("dig") == "running"
+    assert env.counter("dig") < before - 50, "back to snapshot '1', with its memory"
+    env.snapfs("vm-snapshot-delete", "-n", "1", "dig")
+    assert "1" not in qemu_img_tags(vdb) and "first" in qemu_img_tags(vdb)
