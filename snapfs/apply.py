@@ -31,7 +31,7 @@ from .images import DiskSnapshot
 from .operation import UNDO_PREFIX, ApplyStep, Operation
 from .procfs import file_position
 from .qemu import last_words
-from .save import PROGRESS_EVERY, SaveMode, create, sync_save
+from .save import PROGRESS_EVERY, SaveMode, create, seal_save
 from .status import RunState
 from .store import UNDO, UNDO_NEXT, VmSnapshot, sha256_file
 from .tasks import side_by_side
@@ -108,7 +108,7 @@ async def apply(op: Operation, target: Target, paused: bool, keep_undo: bool) ->
             # memory-sized data: side by side, before the old QEMU is quit.
             undo = await side_by_side(
                 lambda: create(op, UNDO_NEXT, undo_tag, SaveMode.PAUSED, vm.store.current(),
-                               prefix=UNDO_PREFIX, sync=False),
+                               prefix=UNDO_PREFIX, seal=False),
                 lambda: _verify_sha256(snap, damage))
         else:
             op.report("checking the save image")
@@ -118,12 +118,17 @@ async def apply(op: Operation, target: Target, paused: bool, keep_undo: bool) ->
             with trio.CancelScope(shield=True):
                 await vm.forget(undo.name, undo.disk_tag)
         raise damage[0]
-    # The .undo image is read back from the page cache if the restore fails;
-    # it has to be on disk only once the apply is done.
+    # The .undo image is read back from the page cache if the restore fails; its
+    # sha256 and its flush to disk can wait until the apply ends, so they run while
+    # QEMU loads the snapshot (a core QEMU's single loading thread leaves free).
+    sealed: list[tuple[int, str]] = []
     beside = []
     if undo is not None and undo.save is not None:
         undo_save = undo.save
-        beside.append(lambda: sync_save(undo_save))
+
+        async def seal() -> None:
+            sealed.append(await seal_save(undo_save))
+        beside.append(seal)
     try:
         await side_by_side(lambda: restore(op, target, paused), *beside)
     except BaseException as err:
@@ -133,7 +138,7 @@ async def apply(op: Operation, target: Target, paused: bool, keep_undo: bool) ->
             elif isinstance(err, SnapfsError):
                 err.args = (f"{err}; no .undo was kept (--no-undo): the domain is shut off",)
         raise
-    await finish(op, snap.name, keep_undo)
+    await finish(op, snap.name, keep_undo, sealed[0][1] if sealed else "")
 
 
 async def _verify_sha256(snap: VmSnapshot, damage: list[SnapfsError]) -> None:
@@ -246,8 +251,9 @@ async def bring_back_undo(op: Operation, undo: VmSnapshot, err: BaseException) -
                     "the apply",)
 
 
-async def finish(op: Operation, snapshot: str, keep_undo: bool) -> None:
-    """``.undo.next`` becomes ``.undo``; the snapshot becomes current."""
+async def finish(op: Operation, snapshot: str, keep_undo: bool, undo_sha256: str = "") -> None:
+    """``.undo.next`` becomes ``.undo`` (with the sha256 of its image when known: an
+    apply finished by recovery keeps only its size); the snapshot becomes current."""
     store = op.vm.store
     op.step(ApplyStep.KEEP_UNDO)
     with trace.phase("keep .undo"):
@@ -256,7 +262,7 @@ async def finish(op: Operation, snapshot: str, keep_undo: bool) -> None:
             old = await trio.to_thread.run_sync(store.read, UNDO)
             await op.vm.forget(old.name, old.disk_tag)
         if has_next:
-            await trio.to_thread.run_sync(store.rename, UNDO_NEXT, UNDO)
+            await trio.to_thread.run_sync(store.rename, UNDO_NEXT, UNDO, undo_sha256)
     op.step(ApplyStep.CURRENT)
     if snapshot != UNDO:
         await trio.to_thread.run_sync(store.set_current, snapshot)

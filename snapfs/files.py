@@ -1,5 +1,6 @@
 """Small file primitives every writer in snapfs uses: atomic replace, safe opens."""
 
+import ctypes
 import os
 import re
 from pathlib import Path
@@ -10,7 +11,7 @@ from . import procfs
 _TEMPORARY = re.compile(r"\..+\.tmp(\d+)")
 
 __all__ = ["atomic_write", "fsync_dir", "read_text_nofollow", "make_dirs",
-           "remove_stale_temporaries"]
+           "remove_stale_temporaries", "start_writeback"]
 
 
 def fsync_dir(path: Path) -> None:
@@ -90,3 +91,21 @@ def remove_stale_temporaries(directory: Path) -> int:
             except FileNotFoundError:
                 pass
     return removed
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+_sync_file_range: "ctypes._NamedFuncPointer | None"
+try:
+    _sync_file_range = ctypes.CDLL(None, use_errno=True).sync_file_range
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+except (OSError, AttributeError):  # not glibc/Linux: the final fsync does it all
+    _sync_file_range = None
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing a range of a file to disk without waiting for it
+    (``sync_file_range(SYNC_FILE_RANGE_WRITE)``), so that the fsync which makes a
+    save image durable finds little left to write: done behind a reader that
+    follows the writer, the flush overlaps the writing."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)

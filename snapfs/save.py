@@ -36,10 +36,10 @@ from . import qmp, trace
 from .errors import NoSpace, QemuError, SnapfsError
 from .operation import CreateStep, Operation
 from .status import RunState
-from .store import UNDO, UNDO_NEXT, GrowingHash, VmSnapshot
+from .store import UNDO, UNDO_NEXT, GrowingHash, VmSnapshot, sha256_file
 from .vm import Vm
 
-__all__ = ["SaveMode", "create", "sync_save", "settle"]
+__all__ = ["SaveMode", "create", "seal_save", "settle"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,11 +66,11 @@ class _Saved:
 
 
 async def create(op: Operation, snapshot: str, tag: str, mode: SaveMode, parent: str,
-                 prefix: str = "", sync: bool = True) -> VmSnapshot:
+                 prefix: str = "", seal: bool = True) -> VmSnapshot:
     """Take VM snapshot ``snapshot`` (disk tag ``tag``) of ``op``'s domain; its steps
     go to the journal named with ``prefix``. On failure nothing of it is kept and
-    the domain keeps its run state. ``sync=False`` leaves the save image's fsync
-    to the caller (``sync_save``), to overlap it with other work."""
+    the domain keeps its run state. ``seal=False`` leaves the save image's sha256
+    and fsync to the caller (``seal_save``), to overlap them with other work."""
     vm = op.vm
     store = vm.store
     await trio.to_thread.run_sync(store.ensure)
@@ -86,7 +86,7 @@ async def create(op: Operation, snapshot: str, tag: str, mode: SaveMode, parent:
         save = store.save_path(snapshot)
         try:
             saved = await _save(op, tag, save, store.save_tmp_path(snapshot), mode, prefix,
-                                sync)
+                                seal)
         except BaseException as err:
             # If QEMU died under the save, its tags are still in the images.
             with trio.CancelScope(shield=True):
@@ -119,7 +119,7 @@ async def create(op: Operation, snapshot: str, tag: str, mode: SaveMode, parent:
 
 
 async def _save(op: Operation, tag: str, save: Path, tmp: Path, mode: SaveMode,
-                prefix: str, sync: bool) -> _Saved:
+                prefix: str, seal: bool) -> _Saved:
     """Disk transaction + save image of a running QEMU, written at ``tmp`` (where
     recovery looks for a partial one), fsynced, then renamed to ``save``.
 
@@ -129,7 +129,7 @@ async def _save(op: Operation, tag: str, save: Path, tmp: Path, mode: SaveMode,
     vm = op.vm
     tmp.unlink(missing_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    hashing = GrowingHash(tmp)
+    hashing = GrowingHash(tmp) if seal else None
     try:
         mon = await vm.monitor()
         state = await vm.run_state()
@@ -157,11 +157,13 @@ async def _save(op: Operation, tag: str, save: Path, tmp: Path, mode: SaveMode,
                     await _reactivate_paused(mon)
                 await _resume(vm, mon, state)
             pause_ms = await _pause_ms(mon) if state is RunState.RUNNING else 0.0
-            if sync:
+            if hashing is not None:
+                with trace.phase("sha256 (rest)"):
+                    size, digest = await trio.to_thread.run_sync(hashing.result)
                 with trace.phase("fsync save image"):
                     await trio.to_thread.run_sync(os.fsync, fd)
-            with trace.phase("sha256 (rest)"):
-                size, digest = await trio.to_thread.run_sync(hashing.result)
+            else:
+                size, digest = os.fstat(fd).st_size, ""
         except BaseException as err:
             with trio.CancelScope(shield=True):
                 await _abort_save(vm, mon, tag if tagged else None, state)
@@ -170,7 +172,8 @@ async def _save(op: Operation, tag: str, save: Path, tmp: Path, mode: SaveMode,
                               "partial files removed, domain left as it was") from err
             raise
     except BaseException:
-        hashing.cancel()
+        if hashing is not None:
+            hashing.cancel()
         tmp.unlink(missing_ok=True)
         raise
     finally:
@@ -281,16 +284,19 @@ async def _resume(vm: Vm, mon: qmp.Monitor, state: RunState) -> None:
     vm.remember_state(state)
 
 
-async def sync_save(save: Path) -> None:
-    """Make a save image written with ``sync=False`` durable."""
-    with trace.phase("fsync save image"):
-        def sync() -> None:
-            fd = os.open(save, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        await trio.to_thread.run_sync(sync)
+async def seal_save(save: Path) -> tuple[int, str]:
+    """The size and sha256 of a save image written with ``seal=False``, made durable."""
+    def seal() -> tuple[int, str]:
+        size, digest = sha256_file(save, writeback=True)
+        fd = os.open(save, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return size, digest
+
+    with trace.phase("sha256 + fsync of the save image"):
+        return await trio.to_thread.run_sync(seal)
 
 
 async def settle(vm: Vm, state: RunState) -> None:

@@ -22,7 +22,7 @@ import trio
 
 from .config import Dirs, check_snapshot_name
 from .errors import ConfigError, NotFound, SnapfsError
-from .files import atomic_write, make_dirs, read_text_nofollow
+from .files import atomic_write, make_dirs, read_text_nofollow, start_writeback
 
 __all__ = ["VmSnapshot", "Store", "FileReader", "GrowingHash", "format_info", "parse_info",
            "sha256_file"]
@@ -115,8 +115,9 @@ def parse_info(text: str, source: str) -> VmSnapshot:
     )
 
 
-def sha256_file(path: Path) -> tuple[int, str]:
-    """Size and sha256 of a file, read in large blocks (blocking: call from a thread)."""
+def sha256_file(path: Path, writeback: bool = False) -> tuple[int, str]:
+    """Size and sha256 of a file, read in large blocks (blocking: call from a thread);
+    with ``writeback``, its dirty pages are sent to disk behind the read."""
     digest = hashlib.sha256()
     size = 0
     with open(path, "rb", buffering=0) as f:
@@ -124,6 +125,8 @@ def sha256_file(path: Path) -> tuple[int, str]:
         view = memoryview(buf)
         while n := f.readinto(buf):
             digest.update(view[:n])
+            if writeback:
+                start_writeback(f.fileno(), size, n)
             size += n
     return size, digest.hexdigest()
 
@@ -131,7 +134,8 @@ def sha256_file(path: Path) -> tuple[int, str]:
 class GrowingHash:
     """sha256 of a file read while another process still writes it (a save image
     QEMU is writing), so the hash is ready moments after the last byte lands
-    instead of costing a second pass over the file."""
+    instead of costing a second pass over the file; what it has read is sent to
+    disk meanwhile, so the closing fsync is short."""
 
     def __init__(self, path: Path) -> None:
         self._path = path
@@ -155,6 +159,7 @@ class GrowingHash:
                     n = f.readinto(buf)
                     if n:
                         digest.update(view[:n])
+                        start_writeback(f.fileno(), size, n)
                         size += n
                     elif last:
                         self._result = (size, digest.hexdigest())
@@ -254,9 +259,12 @@ class Store:
         """Where a save image is written before it is complete."""
         return self.dir / f".{self.save_path(name).name}.tmp"
 
-    def rename(self, src: str, dst: str) -> None:
-        """Give snapshot ``src`` the name ``dst``; safe to repeat after an interruption."""
+    def rename(self, src: str, dst: str, sha256: str = "") -> None:
+        """Give snapshot ``src`` the name ``dst`` (and its save image's ``sha256`` if
+        given); safe to repeat after an interruption."""
         snap = self.read(src)
+        if sha256:
+            snap = replace(snap, save_sha256=sha256)
         for old, new in ((self.save_path(src), self.save_path(dst)),
                          (self.config_path(src), self.config_path(dst))):
             if old.exists():  # else an interrupted rename already moved it, or it never was

@@ -11,7 +11,8 @@ child tasks and worker threads. When the operation ends the trace is
   is how ``bench/run`` breaks an operation down and how tests count QMP
   sessions and ``qemu-img`` runs, with nothing patched.
 
-A phase nested in another is recorded with its depth; a phase or count with
+A phase nested in another is recorded with its depth (per task: phases run
+side by side are not nested); a phase or count with
 no trace open costs a context-variable lookup.
 """
 
@@ -49,23 +50,29 @@ class Trace:
     began: float = field(default_factory=time.monotonic)
     phases: list[Phase] = field(default_factory=list)
     counts: Counter[str] = field(default_factory=Counter)
-    depth: int = 0
 
     def to_json(self, seconds: float, error: str) -> str:
         return json.dumps({
             "operation": self.operation, "domain": self.domain, "seconds": round(seconds, 6),
             "error": error, "counts": dict(self.counts),
             "phases": [[p.name, p.depth, round(p.start, 6), round(p.seconds, 6)]
-                       for p in self.phases],
+                       for p in self.in_order()],
         })
+
+    def in_order(self) -> list[Phase]:
+        """The phases in the order they began (each is recorded when it ends)."""
+        return sorted(self.phases, key=lambda p: (p.start, p.depth))
 
     def summary(self) -> str:
         return ", ".join(f"{'  ' * p.depth}{p.name} {p.seconds * 1000:.1f} ms"
-                         for p in self.phases)
+                         for p in self.in_order())
 
 
 _current: contextvars.ContextVar[Trace | None] = contextvars.ContextVar(
     "snapfs_trace", default=None)
+# How deep in phases the running task is: each trio task has its own copy, so a
+# phase run side by side with another is not counted inside it.
+_depth: contextvars.ContextVar[int] = contextvars.ContextVar("snapfs_trace_depth", default=0)
 
 
 @contextmanager
@@ -111,15 +118,13 @@ def phase(name: str) -> Iterator[None]:
         yield
         return
     start = time.monotonic()
-    index = len(trace.phases)
-    trace.depth += 1
+    depth = _depth.get()
+    token = _depth.set(depth + 1)
     try:
         yield
     finally:
-        trace.depth -= 1
-        # Recorded at its start's place, so phases read in the order they began.
-        trace.phases.insert(index, Phase(name, trace.depth, start - trace.began,
-                                         time.monotonic() - start))
+        _depth.reset(token)
+        trace.phases.append(Phase(name, depth, start - trace.began, time.monotonic() - start))
 
 
 def count(what: str) -> None:

@@ -6,6 +6,7 @@ each test uses its own snapshot names.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
@@ -370,7 +371,11 @@ def test_one_qmp_session_per_create_and_one_image_read_per_disk_per_apply(
 def test_apply_without_undo(web1: Env) -> None:
     web1.snapfs("vm-snapshot-create", "-n", "nu1", DOM)
     web1.snapfs("vm-snapshot-apply", "-n", "nu1", DOM)
-    assert list((web1.state / "snapshots").glob("*/snapshotdata-.undo.xl"))
+    [info] = (web1.state / "snapshots").glob("*/snapshotdata-.undo.xl")
+    recorded = re.search(r'snapshot_save_sha256="(\w+)"', info.read_text())
+    assert recorded, "the .undo's image is hashed while QEMU loads the snapshot"
+    undo_save = info.parent / ".undo.save"
+    assert hashlib.sha256(undo_save.read_bytes()).hexdigest() == recorded[1]
     time.sleep(1.5)
     before = web1.counter(DOM)
     web1.snapfs("vm-snapshot-create", "-n", "nu2", DOM)
