@@ -258,16 +258,28 @@ async def _abort_save(vm: Vm, mon: qmp.Monitor, tag: str | None, state: RunState
 
 
 async def _cancel_migration(vm: Vm, mon: qmp.Monitor, tag: str | None) -> None:
+    """End a save still in progress: a stop-and-save is cancelled; a background
+    snapshot is let run to its end, because QEMU 7.2 cancels one without taking
+    its write protection off the guest's memory, and every later save of that
+    QEMU then fails (``uffd_change_protection() failed … errno=25``)."""
     try:
         info = await mon.execute("query-migrate")
         if info.get("status") in MIGRATION_ACTIVE:
-            await mon.execute("migrate_cancel")
+            if not await _background(mon):
+                await mon.execute("migrate_cancel")
+            else:
+                logger.warning("domain %s: letting an interrupted live save finish", vm.name)
             while (await mon.execute("query-migrate")).get("status") not in MIGRATION_ENDED:
                 await trio.sleep(0.01)
         if tag is not None:
             await vm.delete_disk_tag(tag)
     except SnapfsError as err:
         logger.error("domain %s: cleaning up a failed save: %s", vm.name, err)
+
+
+async def _background(mon: qmp.Monitor) -> bool:
+    capabilities = await mon.execute("query-migrate-capabilities")
+    return any(c["capability"] == "background-snapshot" and c["state"] for c in capabilities)
 
 
 async def _reactivate_paused(mon: qmp.Monitor) -> None:
