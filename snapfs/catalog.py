@@ -22,7 +22,7 @@ engine's own verbs drop a domain's entries at once (``changed``).
 import os
 import time
 from collections.abc import Awaitable, Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -32,7 +32,7 @@ from . import images
 from .config import Dirs, DomainDef, load_domain
 from .errors import NotFound
 from .images import DiskSnapshot, DiskTable
-from .store import Store, VmSnapshot
+from .store import DAMAGED, Store, VmSnapshot
 
 __all__ = ["Catalog", "FRESH", "SETTLED"]
 
@@ -104,11 +104,13 @@ class Catalog:
         self._lists: _Cache[dict[str, VmSnapshot]] = _Cache()
         self._tables: _Cache[DiskTable] = _Cache()
         self._configs: dict[tuple[str, str], tuple[VmSnapshot, bytes]] = {}
+        self._checked: dict[str, tuple[object, object, dict[str, VmSnapshot]]] = {}
 
     def changed(self, name: str) -> None:
         """A verb of this process changed the domain: read it again next time."""
         self._lists.drop(name)
         self._tables.drop(name)
+        self._checked.pop(name, None)
 
     def definition_path(self, name: str) -> Path:
         return self.dirs.domains / f"{name}.toml"
@@ -140,6 +142,18 @@ class Catalog:
             return {s.name: s for s in await trio.to_thread.run_sync(store.list)}
         return await self._lists.read(name, mtime, _settled([mtime], wall), load)
 
+    async def checked_snapshots(self, name: str) -> dict[str, VmSnapshot]:
+        """``snapshots``, where one whose disk snapshot is missing on a disk of the
+        domain is marked damaged, with the disks it is missing on."""
+        snaps = await self.snapshots(name)
+        table = await self.disk_table(name)
+        cached = self._checked.get(name)
+        if cached is not None and cached[0] is snaps and cached[1] is table:
+            return cached[2]
+        checked = {n: _check_tags(s, table) for n, s in snaps.items()}
+        self._checked[name] = (snaps, table, checked)
+        return checked
+
     async def disk_table(self, name: str, fresh: bool = False) -> DiskTable:
         """Every disk snapshot of the domain's disks by tag, and the disks' sizes, read
         with ``qemu-img -U``: without the domain's lock, so a listing never waits
@@ -167,6 +181,18 @@ class Catalog:
             self._configs.clear()
         self._configs[(name, snap.name)] = (snap, data)
         return data
+
+
+def _check_tags(snap: VmSnapshot, table: DiskTable) -> VmSnapshot:
+    if snap.damage:
+        return snap
+    have = {d.dev for d in table.tags.get(snap.disk_tag, [])}
+    # Only the disks the domain has now can be looked at.
+    missing = [dev for dev in snap.disks if dev in table.sizes and dev not in have]
+    if not missing:
+        return snap
+    return replace(snap, state=DAMAGED, damage=f"its disk snapshot {snap.disk_tag!r} is "
+                   f"missing on {', '.join(missing)}")
 
 
 def _tag_ok(tag: str) -> bool:

@@ -48,14 +48,21 @@ def _clock(sec: int, nsec: int) -> str:
     return f"{sec // 3600:04d}:{sec // 60 % 60:02d}:{sec % 60:02d}.{nsec // 1_000_000:03d}"
 
 
+def _printable(text: str) -> str:
+    """Text from files and from QEMU as a terminal may show it: control characters
+    (an escape sequence in an info file, say) escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _print_table(rows: list[list[str]], header: list[str]) -> None:
+    rows = [[_printable(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
 def _json(value: Any) -> None:
-    print(json.dumps(value, indent=2, default=str))
+    print(json.dumps(value, indent=2, default=str, allow_nan=False))
 
 
 async def cmd_domain(engine: Engine, args: argparse.Namespace) -> None:
@@ -80,10 +87,11 @@ async def cmd_domain(engine: Engine, args: argparse.Namespace) -> None:
                  s.operation.operation if s.operation else "-"] for s in statuses]
         _print_table(rows, ["NAME", "STATE", "CURRENT", "OPERATION"])
         if args.verb == "status" and statuses[0].reason:
-            print(f"crashed: {statuses[0].reason}; `snapfs domain start {args.domain}` starts it "
-                  "again (its running state is lost: vm-snapshot-apply brings one back)")
+            print(f"crashed: {_printable(statuses[0].reason)}; `snapfs domain start "
+                  f"{args.domain}` starts it again (its running state is lost: "
+                  "vm-snapshot-apply brings one back)")
         if args.verb == "status" and statuses[0].last_error:
-            print(f"last error: {statuses[0].last_error}")
+            print(f"last error: {_printable(statuses[0].last_error)}")
 
 
 async def _show_progress(engine: Engine, domain: str) -> None:
@@ -137,7 +145,7 @@ async def cmd_vm_snapshot(engine: Engine, args: argparse.Namespace) -> None:
     elif args.verb == "list":
         snaps = await engine.vm_snapshot_list(args.domain)
         if args.tree:
-            print("\n".join(_lineage(snaps)))
+            print("\n".join(_printable(line) for line in _lineage(snaps)))
             return
         if args.json:
             _json([{**asdict(s), "save": str(s.save) if s.save else None} for s in snaps])
@@ -145,6 +153,10 @@ async def cmd_vm_snapshot(engine: Engine, args: argparse.Namespace) -> None:
         _print_table([[s.name, _time(s.creation_time), s.state,
                        _human_size(s.save_size) if s.save else "-", s.parent or "-"]
                       for s in snaps], ["NAME", "CREATED", "STATE", "SAVE SIZE", "PARENT"])
+        for snap in snaps:
+            if snap.damage:
+                print(f"{_printable(snap.name)} is damaged: {_printable(snap.damage)} "
+                      f"(vm-snapshot-delete removes what is left of it)")
 
 
 def _lineage(snaps: list[VmSnapshot]) -> list[str]:
@@ -299,7 +311,7 @@ def _failed(what: str, err: BaseException) -> int:
         status = EXIT_INTERNAL
     else:
         raise err
-    print(f"snapfs: {what}: {message}", file=sys.stderr)
+    print(f"snapfs: {what}: {_printable(message)}", file=sys.stderr)
     return status
 
 

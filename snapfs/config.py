@@ -92,7 +92,7 @@ class RunPaths:
         <run dir>/<name>.log     QEMU's -D log (its error messages)
         <run dir>/<name>.lock    flock serializing operations on the domain
         <run dir>/<name>.op      the operation in progress and how far it got (JSON)
-        <run dir>/<name>.error   last_error: "<epoch seconds> <message>"
+        <run dir>/<name>.error   last_error: "<ISO 8601 local time> <message>"
         <run dir>/<name>.state   the run state last seen, for when QMP is busy
     """
 

@@ -200,7 +200,10 @@ class Engine:
 
     async def vm_snapshot_delete(self, name: str, snapshot: str) -> None:
         async with self._operation(name, OpName.VM_SNAPSHOT_DELETE) as op:
-            snap = await trio.to_thread.run_sync(op.vm.store.read, snapshot)
+            try:
+                snap = await trio.to_thread.run_sync(op.vm.store.read, snapshot)
+            except ConfigError as err:  # damaged: whatever is left of it goes
+                snap = op.vm.store.damaged(snapshot, str(err))
             op.vm.refuse_viewed(snap.disk_tag)
             op.begin(snapshot=snapshot, tag=snap.disk_tag, parent=snap.parent)
             op.step(DeleteStep.REPARENT)
@@ -254,7 +257,7 @@ class Engine:
 
     async def snapshots(self, domain: str) -> Mapping[str, VmSnapshot]:
         await self.recover(domain)
-        return await self.catalog.snapshots(domain)
+        return await self.catalog.checked_snapshots(domain)
 
     async def snapshot(self, domain: str, name: str) -> VmSnapshot:
         if name not in (UNDO, UNDO_NEXT):

@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
 import trio
@@ -97,8 +98,8 @@ class Records:
     def record_error(self, message: str) -> None:
         try:
             make_dirs(self.paths.run, 0o700)
-            atomic_write(self.paths.error, f"{int(time.time())} {message}\n", mode=0o644,
-                         durable=False)
+            when = datetime.now().astimezone().isoformat(timespec="seconds")
+            atomic_write(self.paths.error, f"{when} {message}\n", mode=0o644, durable=False)
         except OSError as err:
             logger.warning("cannot record last error in %s: %s", self.paths.error, err)
 

@@ -12,6 +12,7 @@ line is always ``snapshot_name``.
 
 import hashlib
 import logging
+import math
 import os
 import re
 import threading
@@ -24,7 +25,7 @@ from .config import Dirs, check_snapshot_name
 from .errors import ConfigError, NotFound, SnapfsError
 from .files import atomic_write, make_dirs, read_text_nofollow, start_writeback
 
-__all__ = ["VmSnapshot", "Store", "FileReader", "GrowingHash", "format_info", "parse_info",
+__all__ = ["VmSnapshot", "Store", "FileReader", "DAMAGED", "GrowingHash", "format_info", "parse_info",
            "sha256_file"]
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,9 @@ logger = logging.getLogger(__name__)
 INFO_PREFIX, INFO_SUFFIX = "snapshotdata-", ".xl"
 UNDO = ".undo"
 UNDO_NEXT = ".undo.next"    # the state an apply in progress replaces; becomes .undo on success
+DAMAGED = "damaged"         # the state of a snapshot whose info file or disk snapshots are broken
+# Creation times localtime() can show (up to the year 9999).
+LATEST_TIME = 253_402_300_799
 _LINE = re.compile(r'([a-z_0-9]+)="((?:[^"\\]|\\.)*)"')
 
 
@@ -51,6 +55,7 @@ class VmSnapshot:
     mode: str = ""              # live | paused: how memory was saved
     pause_ms: float = 0.0       # how long the vCPUs stood still, from QEMU's events
     extra: dict[str, str] = field(default_factory=dict)
+    damage: str = ""            # why it cannot be applied (state "damaged"); not stored
 
     @property
     def disk_tag(self) -> str:
@@ -102,6 +107,10 @@ def parse_info(text: str, source: str) -> VmSnapshot:
         disks = tuple(d for d in values.pop("snapshot_disks", "").split(",") if d)
         size = int(values.pop("snapshot_save_size", "0") or 0)
         pause_ms = float(values.pop("snapshot_pause_ms", "0") or 0)
+        if not 0 <= created <= LATEST_TIME:
+            raise ValueError(f"snapshot_creationtime {created} is not a time")
+        if size < 0 or not math.isfinite(pause_ms):
+            raise ValueError("snapshot_save_size or snapshot_pause_ms out of range")
     except KeyError as err:
         raise ConfigError(f"{source}: missing key {err.args[0]}") from None
     except ValueError as err:
@@ -233,16 +242,31 @@ class Store:
         return snap
 
     def list(self) -> list[VmSnapshot]:
-        """Every readable snapshot, oldest first; unreadable info files are logged and skipped."""
+        """Every snapshot, oldest first; one whose info file cannot be read is listed
+        as damaged, with the reason, so that it can be seen and deleted."""
         snaps = []
         for name in self.names():
             if name == UNDO:
                 continue
             try:
                 snaps.append(self.read(name))
-            except (ConfigError, NotFound) as err:
-                logger.warning("skipping snapshot %r: %s", name, err)
+            except NotFound:
+                continue  # deleted since the directory was listed
+            except ConfigError as err:
+                snaps.append(self.damaged(name, str(err)))
         return sorted(snaps, key=lambda s: (s.creation_time, s.name))
+
+    def damaged(self, name: str, reason: str) -> VmSnapshot:
+        """What is known of snapshot ``name`` when its info file cannot be read: when it
+        was written, whether a save image is there, and why it is damaged."""
+        try:
+            created = int(os.lstat(self.info_path(name)).st_mtime)
+        except OSError:
+            created = 0
+        save = self.save_path(name)
+        return VmSnapshot(name=name, creation_time=created,
+                          save=save if os.path.lexists(save) else None, state=DAMAGED,
+                          parent="", disks=(), damage=reason)
 
     def write(self, snap: VmSnapshot, config_toml: str) -> None:
         """Record a snapshot: config first, info file last (the info file makes it visible)."""

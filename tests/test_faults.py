@@ -129,9 +129,11 @@ def test_planted_symlinks_are_not_followed(env: Env) -> None:
     target.write_text("precious\n")
     (store / "snapshotdata-planted.xl").symlink_to(target)
     (store / ".new.save.tmp").symlink_to(target)
-    listed = [s["name"] for s in json.loads(env.snapfs("vm-snapshot-list", "--json", "evil").stdout)]
-    assert listed == ["ok"]
-    assert "cannot read" in env.fails("vm-snapshot-delete", "-n", "planted", "evil")
+    listed = {s["name"]: s for s in json.loads(env.snapfs("vm-snapshot-list", "--json", "evil").stdout)}
+    assert set(listed) == {"ok", "planted"}
+    assert listed["planted"]["state"] == "damaged" and "cannot read" in listed["planted"]["damage"]
+    env.snapfs("vm-snapshot-delete", "-n", "planted", "evil")
+    assert not (store / "snapshotdata-planted.xl").is_symlink(), "the link goes, not its target"
     env.start("evil")
     env.snapfs("vm-snapshot-create", "-n", "new", "evil")
     assert target.read_text() == "precious\n"
@@ -244,3 +246,42 @@ def test_a_guest_qemu_stopped_on_an_error_is_crashed_with_the_reason(env: Env) -
     env.snapfs("domain", "stop", "--force", "pan")
     status = json.loads(env.snapfs("domain", "status", "--json", "pan").stdout)
     assert status["state"] == "shutoff", "a stop is not a crash"
+
+
+def test_a_damaged_snapshot_is_listed_as_such_and_can_be_deleted(env: Env) -> None:
+    env.define("dmg", devs=DEVS)
+    for name in ("ok", "huge", "bytes", "nan", "tagless", "shouting"):
+        env.snapfs("vm-snapshot-create", "-n", name, "dmg")
+    store = store_dir(env, "dmg")
+
+    def edit(name: str, old: str, new: str) -> None:
+        info = store / f"snapshotdata-{name}.xl"
+        info.write_text(info.read_text().replace(old, new))
+
+    edit("huge", 'snapshot_creationtime="', 'snapshot_creationtime="99999999999999999999')
+    (store / "snapshotdata-bytes.xl").write_bytes(b'snapshot_name="bytes\xff\xfe"\n')
+    edit("nan", 'snapshot_pause_ms="0.0"', 'snapshot_pause_ms="nan"')
+    subprocess.run(["qemu-img", "snapshot", "-d", "tagless", str(env.images / "dmg-vdb.qcow2")],
+                   check=True)
+    edit("shouting", 'snapshot_parent="tagless"', 'snapshot_parent="\x1b[31mred"')
+
+    proc = env.snapfs("vm-snapshot-list", "--json", "dmg")
+    listed = {s["name"]: s for s in json.loads(proc.stdout)}
+    assert set(listed) == {"ok", "huge", "bytes", "nan", "tagless", "shouting"}, "none hidden"
+    assert "NaN" not in proc.stdout
+    for name, why in (("huge", "not a time"), ("bytes", "cannot read"), ("nan", "out of range"),
+                      ("tagless", "missing on vdb")):
+        assert listed[name]["state"] == "damaged" and why in listed[name]["damage"], listed[name]
+    assert listed["ok"]["state"] == listed["shouting"]["state"] == "shutoff"
+
+    human = env.snapfs("vm-snapshot-list", "dmg").stdout
+    assert "\x1b" not in human and "\\x1b[31mred" in human, human
+    assert "tagless is damaged: its disk snapshot 'tagless' is missing on vdb" in human, human
+
+    assert "not a time" in env.fails("vm-snapshot-apply", "-n", "huge", "dmg")
+    for name in ("huge", "bytes", "nan", "tagless"):
+        env.snapfs("vm-snapshot-delete", "-n", name, "dmg")
+        assert not [p for p in store.iterdir() if p.name.startswith((name, f"snapshotdata-{name}"))]
+        assert all(name not in disk_tags(env, dev, "dmg") for dev in DEVS)
+    assert [s["name"] for s in json.loads(env.snapfs("vm-snapshot-list", "--json", "dmg").stdout)] \
+        == ["ok", "shouting"]
