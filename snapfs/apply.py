@@ -33,7 +33,7 @@ from .procfs import file_position
 from .qemu import last_words
 from .save import PROGRESS_EVERY, SaveMode, create, seal_save
 from .status import RunState
-from .store import UNDO, UNDO_NEXT, VmSnapshot, sha256_file
+from .store import UNDO, UNDO_NEXT, CheckedSaves, VmSnapshot, sha256_file
 from .tasks import side_by_side
 from .vm import Vm
 
@@ -109,10 +109,10 @@ async def apply(op: Operation, target: Target, paused: bool, keep_undo: bool) ->
             undo = await side_by_side(
                 lambda: create(op, UNDO_NEXT, undo_tag, SaveMode.PAUSED, vm.store.current(),
                                prefix=UNDO_PREFIX, seal=False),
-                lambda: _verify_sha256(snap, damage))
+                lambda: _verify_sha256(vm, snap, damage))
         else:
             op.report("checking the save image")
-            await _verify_sha256(snap, damage)
+            await _verify_sha256(vm, snap, damage)
     if damage:
         if undo is not None:
             with trio.CancelScope(shield=True):
@@ -141,10 +141,14 @@ async def apply(op: Operation, target: Target, paused: bool, keep_undo: bool) ->
     await finish(op, snap.name, keep_undo, sealed[0][1] if sealed else "")
 
 
-async def _verify_sha256(snap: VmSnapshot, damage: list[SnapfsError]) -> None:
+async def _verify_sha256(vm: Vm, snap: VmSnapshot, damage: list[SnapfsError]) -> None:
     """Append to ``damage`` if the save image is not the one recorded at create."""
     if snap.save is None or not snap.save_sha256:
         return
+    checked = CheckedSaves(vm.paths.checked)
+    if await trio.to_thread.run_sync(checked.holds, snap.save, snap.save_sha256):
+        return
+    trace.count("sha256 of a save image")
     try:
         size, digest = await trio.to_thread.run_sync(sha256_file, snap.save)
     except OSError as err:
@@ -153,6 +157,8 @@ async def _verify_sha256(snap: VmSnapshot, damage: list[SnapfsError]) -> None:
     if size != snap.save_size or digest != snap.save_sha256:
         damage.append(ConfigError(f"save image of {snap.name!r} does not match its "
                                   "sha256: it is damaged"))
+        return
+    await trio.to_thread.run_sync(checked.add, snap.save, digest)
 
 
 async def restore(op: Operation, target: Target, paused: bool) -> None:
@@ -263,6 +269,9 @@ async def finish(op: Operation, snapshot: str, keep_undo: bool, undo_sha256: str
             await op.vm.forget(old.name, old.disk_tag)
         if has_next:
             await trio.to_thread.run_sync(store.rename, UNDO_NEXT, UNDO, undo_sha256)
+            if undo_sha256:
+                await trio.to_thread.run_sync(CheckedSaves(op.vm.paths.checked).add,
+                                              store.save_path(UNDO), undo_sha256)
     op.step(ApplyStep.CURRENT)
     if snapshot != UNDO:
         await trio.to_thread.run_sync(store.set_current, snapshot)

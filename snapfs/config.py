@@ -94,6 +94,7 @@ class RunPaths:
         <run dir>/<name>.op      the operation in progress and how far it got (JSON)
         <run dir>/<name>.error   last_error: "<ISO 8601 local time> <message>"
         <run dir>/<name>.state   the run state last seen, for when QMP is busy
+        <run dir>/<name>.checked save images whose sha256 was checked since boot (JSON)
     """
 
     def __init__(self, run: Path, name: str) -> None:
@@ -105,6 +106,7 @@ class RunPaths:
         self.op = run / f"{name}.op"
         self.error = run / f"{name}.error"
         self.state = run / f"{name}.state"
+        self.checked = run / f"{name}.checked"
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from .errors import SnapfsError
 from .files import atomic_write, make_dirs, remove_stale_temporaries
 from .journal import Entry, Journal
 from .status import Progress
+from .tasks import cause
 from .vm import Vm
 
 __all__ = ["OpName", "CreateStep", "ApplyStep", "DeleteStep", "DiskCreateStep",
@@ -217,4 +218,11 @@ async def run_operation(dirs: Dirs, definition: DomainDef, name: OpName, locks: 
                     os.close(fd)
     except SnapfsError as err:
         records.record_error(f"{name.value}: {err}")
+        raise
+    except BaseExceptionGroup as group:
+        # Work run side by side failed: the error that caused it is the news.
+        first = cause(group)
+        if isinstance(first, SnapfsError):
+            records.record_error(f"{name.value}: {first}")
+            raise first from None
         raise

@@ -36,7 +36,7 @@ from . import qmp, trace
 from .errors import NoSpace, QemuError, SnapfsError
 from .operation import CreateStep, Operation
 from .status import RunState
-from .store import UNDO, UNDO_NEXT, GrowingHash, VmSnapshot, sha256_file
+from .store import UNDO, UNDO_NEXT, CheckedSaves, GrowingHash, VmSnapshot, sha256_file
 from .vm import Vm
 
 __all__ = ["SaveMode", "create", "seal_save", "settle"]
@@ -180,6 +180,9 @@ async def _save(op: Operation, tag: str, save: Path, tmp: Path, mode: SaveMode,
         os.close(fd)
     os.chmod(tmp, 0o400)
     os.replace(tmp, save)
+    if digest:
+        # Hashed as QEMU wrote it: an apply need not read it again while it is untouched.
+        CheckedSaves(vm.paths.checked).add(save, digest)
     return _Saved(state, size, digest, pause_ms, SaveMode.LIVE if live else SaveMode.PAUSED)
 
 

@@ -11,6 +11,7 @@ line is always ``snapshot_name``.
 """
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -25,8 +26,8 @@ from .config import Dirs, check_snapshot_name
 from .errors import ConfigError, NotFound, SnapfsError
 from .files import atomic_write, make_dirs, read_text_nofollow, start_writeback
 
-__all__ = ["VmSnapshot", "Store", "FileReader", "DAMAGED", "GrowingHash", "format_info", "parse_info",
-           "sha256_file"]
+__all__ = ["VmSnapshot", "Store", "FileReader", "CheckedSaves", "DAMAGED", "GrowingHash",
+           "format_info", "parse_info", "sha256_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -361,3 +362,50 @@ class FileReader:
         fd, self.fd = self.fd, -1
         if fd >= 0:
             await trio.to_thread.run_sync(os.close, fd)
+
+
+class CheckedSaves:
+    """Save images whose sha256 was checked since boot, by what their file is.
+
+    Hashing a save image takes as long as QEMU takes to load it, and a rig that
+    reverts many times a day applies the same snapshots again and again. An
+    image is hashed again only if it is not the same file, untouched, as when it
+    was last checked or written: any write, truncation or replacement through the
+    file system changes its inode, size, mtime or ctime. (What this cannot see
+    is the disk itself flipping bits under an unchanged file; the list lives in
+    the run dir, so each boot starts it over.)
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _load(self) -> dict[str, list[object]]:
+        try:
+            data = json.loads(read_text_nofollow(self.path))
+        except (OSError, ValueError, UnicodeDecodeError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    @staticmethod
+    def _identity(save: Path, sha256: str) -> list[object] | None:
+        try:
+            st = os.stat(save, follow_symlinks=False)
+        except OSError:
+            return None
+        return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, sha256]
+
+    def holds(self, save: Path, sha256: str) -> bool:
+        """Whether ``save`` is unchanged since it was found to have ``sha256``."""
+        identity = self._identity(save, sha256)
+        return identity is not None and self._load().get(str(save)) == identity
+
+    def add(self, save: Path, sha256: str) -> None:
+        identity = self._identity(save, sha256)
+        if identity is None:
+            return
+        known = {k: v for k, v in self._load().items() if os.path.exists(k)}
+        known[str(save)] = identity
+        try:
+            atomic_write(self.path, json.dumps(known), mode=0o600, durable=False)
+        except OSError:
+            pass  # it only saves time

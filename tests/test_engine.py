@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import subprocess
 import time
@@ -473,3 +474,18 @@ def test_names_of_digits_are_never_taken_for_ids(env: Env) -> None:
     assert env.counter("dig") < before - 50, "back to snapshot '1', with its memory"
     env.snapfs("vm-snapshot-delete", "-n", "1", "dig")
     assert "1" not in qemu_img_tags(vdb) and "first" in qemu_img_tags(vdb)
+
+
+def test_an_untouched_save_image_is_not_hashed_again(web1: Env, tmp_path: Path) -> None:
+    trace = tmp_path / "trace.jsonl"
+    web1.snapfs("vm-snapshot-create", "-n", "hashed", DOM)
+    for _ in range(2):
+        apply = traced(web1, trace, "vm-snapshot-apply", "vm-snapshot-apply", "-n", "hashed",
+                       DOM, "--no-undo")
+        assert "sha256 of a save image" not in apply["counts"], apply["counts"]  # type: ignore[operator]
+    uuid = re.search(r'uuid = "(.*)"', (web1.config / "domains" / f"{DOM}.toml").read_text())[1]
+    save = web1.state / "snapshots" / uuid / "hashed.save"
+    os.utime(save)     # a touch is enough to be checked again
+    apply = traced(web1, trace, "vm-snapshot-apply", "vm-snapshot-apply", "-n", "hashed", DOM,
+                   "--no-undo")
+    assert apply["counts"]["sha256 of a save image"] == 1  # type: ignore[index]
