@@ -285,3 +285,30 @@ def test_a_damaged_snapshot_is_listed_as_such_and_can_be_deleted(env: Env) -> No
         assert all(name not in disk_tags(env, dev, "dmg") for dev in DEVS)
     assert [s["name"] for s in json.loads(env.snapfs("vm-snapshot-list", "--json", "dmg").stdout)] \
         == ["ok", "shouting"]
+
+
+def test_a_failed_undo_save_is_one_clear_line(env: Env) -> None:
+    small = env.root / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs", str(small)],
+                   check=True)
+    try:
+        env.state = small
+        env.define("undo3", devs=DEVS)
+        env.start("undo3")
+        env.snapfs("vm-snapshot-create", "-n", "s1", "undo3")
+        size = (store_dir(env, "undo3") / "s1.save").stat().st_size
+        free = os.statvfs(small).f_bavail * os.statvfs(small).f_frsize
+        with (small / "filler").open("wb") as f:   # leave a quarter of a save's room
+            f.write(b"\0" * (free - size // 4))
+        message = env.fails("vm-snapshot-apply", "-n", "s1", "undo3")
+        assert "no space left" in message.lower(), message
+        assert "ExceptionGroup" not in message and "internal error" not in message
+        status = json.loads(env.snapfs("domain", "status", "--json", "undo3").stdout)
+        assert status["state"] == "running", status
+        assert "no space left" in status["last_error"].lower(), status
+        (small / "filler").unlink()
+        assert_consistent(env, name="undo3")
+    finally:
+        env.kill_all()
+        subprocess.run(["umount", "-l", str(small)], check=False)

@@ -23,6 +23,7 @@ from pyfuse3 import FUSEError
 
 from ..config import MAX_NAME_BYTES
 from ..errors import NotFound, SnapfsError
+from ..tasks import cause
 from .model import Node, OpenFile, Tree, TreePath
 
 __all__ = ["Inodes", "Operations"]
@@ -31,10 +32,14 @@ logger = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
-# The handlers that change something: their failures are news (warning);
-# a failed lookup or getattr is routine (debug): tools probe for names.
+# The handlers that change something: their failures are news (warning)...
 VERBS = frozenset({"mkdir", "rmdir", "write", "setattr", "create", "mknod", "unlink",
                    "symlink", "link", "rename", "open"})
+# ...unless the tree refused them as it is meant to: backup tools and file
+# managers probe (`.Trash-0`, unlinks, chmods) all the time, and a log line
+# each would bury real failures. A failed lookup or getattr is routine too.
+REFUSALS = frozenset({errno.EROFS, errno.EINVAL, errno.ENAMETOOLONG, errno.EEXIST,
+                      errno.ENOENT, errno.EACCES})
 
 
 def _handler(fn: F) -> F:
@@ -44,11 +49,19 @@ def _handler(fn: F) -> F:
     @functools.wraps(fn)
     async def wrapper(self: Operations, *args: Any) -> Any:
         try:
-            return await fn(self, *args)
+            try:
+                return await fn(self, *args)
+            except BaseExceptionGroup as group:
+                # Work run side by side failed: answer for the error that caused it.
+                first = cause(group)
+                if first is group:
+                    raise
+                raise first from None
         except FUSEError:
             raise
         except SnapfsError as err:
-            logger.log(logging.WARNING if verb else logging.DEBUG, "%s: %s (%s)", fn.__name__,
+            news = verb and err.errno not in REFUSALS
+            logger.log(logging.WARNING if news else logging.DEBUG, "%s: %s (%s)", fn.__name__,
                        err, errno.errorcode.get(err.errno, err.errno))
             raise FUSEError(err.errno) from None
         except Exception:
@@ -204,7 +217,8 @@ class Operations(pyfuse3.Operations):
         data = pyfuse3.StatvfsData()
         data.f_bsize, data.f_frsize = st.f_bsize, st.f_frsize
         data.f_blocks, data.f_bfree, data.f_bavail = st.f_blocks, st.f_bfree, st.f_bavail
-        data.f_files, data.f_ffree, data.f_favail = len(self.inodes), 0, 0
+        # No inode counts: the tree has no inodes to run out of (df -i shows "-").
+        data.f_files, data.f_ffree, data.f_favail = 0, 0, 0
         data.f_namemax = MAX_NAME_BYTES
         return data
 
