@@ -5,6 +5,8 @@ Parses arguments, calls the engine, prints for humans or ``--json``. A failure
 is one line on stderr and a non-zero exit status, never a traceback.
 """
 
+from __future__ import annotations
+
 import argparse
 import json
 import logging
@@ -13,15 +15,14 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, TypeVar
-
-import trio
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .config import Dirs
-from .engine import Engine
 from .errors import SnapfsError
-from .store import VmSnapshot
-from .tasks import cause
+
+if TYPE_CHECKING:
+    from .engine import Engine
+    from .store import VmSnapshot
 
 __all__ = ["main"]
 
@@ -96,6 +97,8 @@ async def cmd_domain(engine: Engine, args: argparse.Namespace) -> None:
 
 async def _show_progress(engine: Engine, domain: str) -> None:
     """Draw the operation's progress on stderr until cancelled (only on a terminal)."""
+    import trio
+
     shown = False
     try:
         while True:
@@ -121,6 +124,8 @@ async def _show_progress(engine: Engine, domain: str) -> None:
 async def _with_progress(engine: Engine, domain: str, operation: Awaitable[T]) -> T:
     if not sys.stderr.isatty():
         return await operation
+    import trio
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_show_progress, engine, domain)
         try:
@@ -288,8 +293,13 @@ def main(argv: list[str] | None = None) -> int:
             from .ops.mount import mount
             return mount(dirs, Path(args.mountpoint), foreground=args.foreground,
                          allow_other=args.allow_other)
+        # Imported here: `--help` and a usage error need neither trio nor the engine.
+        import trio
+
+        from .engine import Engine
         trio.run(args.run, Engine(dirs), args)
     except BaseExceptionGroup as group:
+        from .tasks import cause
         return _failed(what, cause(group))
     except BaseException as err:
         return _failed(what, err)
