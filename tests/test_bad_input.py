@@ -140,8 +140,8 @@ def test_hostile_definitions_are_refused(env: Env, capsys: pytest.CaptureFixture
     assert not list((env.config / "domains").glob("*")) if (env.config / "domains").exists() else True
 
 
-def test_malformed_info_files_are_skipped_and_refused(env: Env,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_malformed_info_files_are_listed_as_damaged_and_refused(
+        env: Env, capsys: pytest.CaptureFixture[str]) -> None:
     env.define("infos")
     assert run(env, capsys, "vm-snapshot-create", "-n", "good", "infos")[0] == 0
     store = next((env.state / "snapshots").iterdir())
@@ -152,7 +152,9 @@ def test_malformed_info_files_are_skipped_and_refused(env: Env,
     (store / "snapshotdata-type.xl").write_text(
         'snapshot_name="type"\nsnapshot_creationtime="yesterday"\n')
     code, out, err = run(env, capsys, "vm-snapshot-list", "--json", "infos")
-    assert code == 0 and [s["name"] for s in json.loads(out)] == ["good"]
+    listed = {s["name"]: s["state"] for s in json.loads(out)}
+    assert code == 0 and listed == {"good": "shutoff", "trunc": "damaged", "huge": "damaged",
+                                    "wrong": "damaged", "type": "damaged"}, listed
     for name in ("trunc", "huge", "wrong", "type"):
         code, _, err = run(env, capsys, "vm-snapshot-apply", "-n", name, "infos")
         assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
