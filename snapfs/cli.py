@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .config import Dirs
 from .errors import SnapfsError
+from .status import printable
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -49,14 +50,8 @@ def _clock(sec: int, nsec: int) -> str:
     return f"{sec // 3600:04d}:{sec // 60 % 60:02d}:{sec % 60:02d}.{nsec // 1_000_000:03d}"
 
 
-def _printable(text: str) -> str:
-    """Text from files and from QEMU as a terminal may show it: control characters
-    (an escape sequence in an info file, say) escaped."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
 def _print_table(rows: list[list[str]], header: list[str]) -> None:
-    rows = [[_printable(c) for c in row] for row in rows]
+    rows = [[printable(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
@@ -88,11 +83,11 @@ async def cmd_domain(engine: Engine, args: argparse.Namespace) -> None:
                  s.operation.operation if s.operation else "-"] for s in statuses]
         _print_table(rows, ["NAME", "STATE", "CURRENT", "OPERATION"])
         if args.verb == "status" and statuses[0].reason:
-            print(f"crashed: {_printable(statuses[0].reason)}; `snapfs domain start "
+            print(f"crashed: {printable(statuses[0].reason)}; `snapfs domain start "
                   f"{args.domain}` starts it again (its running state is lost: "
                   "vm-snapshot-apply brings one back)")
         if args.verb == "status" and statuses[0].last_error:
-            print(f"last error: {_printable(statuses[0].last_error)}")
+            print(f"last error: {printable(statuses[0].last_error)}")
 
 
 async def _show_progress(engine: Engine, domain: str) -> None:
@@ -150,7 +145,7 @@ async def cmd_vm_snapshot(engine: Engine, args: argparse.Namespace) -> None:
     elif args.verb == "list":
         snaps = await engine.vm_snapshot_list(args.domain)
         if args.tree:
-            print("\n".join(_printable(line) for line in _lineage(snaps)))
+            print("\n".join(printable(line) for line in _lineage(snaps)))
             return
         if args.json:
             _json([{**asdict(s), "save": str(s.save) if s.save else None} for s in snaps])
@@ -160,7 +155,7 @@ async def cmd_vm_snapshot(engine: Engine, args: argparse.Namespace) -> None:
                       for s in snaps], ["NAME", "CREATED", "STATE", "SAVE SIZE", "PARENT"])
         for snap in snaps:
             if snap.damage:
-                print(f"{_printable(snap.name)} is damaged: {_printable(snap.damage)} "
+                print(f"{printable(snap.name)} is damaged: {printable(snap.damage)} "
                       f"(vm-snapshot-delete removes what is left of it)")
 
 
@@ -321,7 +316,7 @@ def _failed(what: str, err: BaseException) -> int:
         status = EXIT_INTERNAL
     else:
         raise err
-    print(f"snapfs: {what}: {_printable(message)}", file=sys.stderr)
+    print(f"snapfs: {what}: {printable(message)}", file=sys.stderr)
     return status
 
 

@@ -7,7 +7,7 @@ that show them.
 import enum
 from dataclasses import dataclass
 
-__all__ = ["RunState", "Progress", "DomainStatus"]
+__all__ = ["RunState", "Progress", "DomainStatus", "printable"]
 
 
 class RunState(enum.StrEnum):
@@ -37,3 +37,9 @@ class DomainStatus:
     operation: Progress | None
     last_error: str
     reason: str = ""            # why it is crashed, in QEMU's words where it gave any
+
+
+def printable(text: str) -> str:
+    """Text from files and from QEMU as a terminal may show it: control characters
+    (an escape sequence in an info file or a log, say) escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

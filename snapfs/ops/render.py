@@ -18,7 +18,7 @@ from dataclasses import asdict
 import trio
 
 from ..images import DiskSnapshot
-from ..status import DomainStatus, Progress
+from ..status import DomainStatus, Progress, printable
 from ..store import VmSnapshot
 
 __all__ = ["BytesReader", "render_disk_info", "render_info_json", "render_status"]
@@ -47,14 +47,16 @@ def _local_time(sec: float) -> str:
 
 
 def render_status(status: DomainStatus) -> str:
-    """``.status``: one ``key: value`` line each, ``-`` for nothing."""
-    return "".join(f"{key}: {value or '-'}\n" for key, value in (
-        ("domain", status.name),
-        ("state", status.state),
-        ("current", status.current),
-        ("operation", _render_operation(status.operation)),
-        ("last_error", status.last_error),
-    ))
+    """``.status``: one ``key: value`` line each, ``-`` for nothing; a crashed domain
+    has a ``reason`` line. Control characters (from QEMU's log, from a name) are
+    escaped: ``cat .status`` must not drive the terminal."""
+    lines = [("domain", status.name), ("state", status.state)]
+    if status.reason:
+        lines.append(("reason", status.reason))
+    lines += [("current", status.current),
+              ("operation", _render_operation(status.operation)),
+              ("last_error", status.last_error)]
+    return "".join(f"{key}: {printable(value) or '-'}\n" for key, value in lines)
 
 
 def _render_operation(op: Progress | None) -> str:
