@@ -49,6 +49,7 @@ MIGRATE_PARAMETERS = {"max-bandwidth": 1 << 40, "downtime-limit": 5}
 PROGRESS_EVERY = 0.2
 MIGRATION_ENDED = ("completed", "failed", "cancelled")
 MIGRATION_ACTIVE = ("active", "setup", "device", "pre-switchover")
+SETTLE_TIMEOUT = 10.0
 
 
 class SaveMode(enum.StrEnum):
@@ -153,8 +154,6 @@ async def _save(op: Operation, tag: str, save: Path, tmp: Path, mode: SaveMode,
                 await _wait_migration(op, mon, fd)
             op.step(CreateStep.RESUME, prefix)
             with trace.phase("resume"):
-                if state is not RunState.RUNNING:
-                    await _reactivate_paused(mon)
                 await _resume(vm, mon, state)
             pause_ms = await _pause_ms(mon) if state is RunState.RUNNING else 0.0
             if hashing is not None:
@@ -242,6 +241,7 @@ async def _wait_migration(op: Operation, mon: qmp.Monitor, fd: int) -> dict[str,
         info = await mon.execute("query-migrate")
         status = info.get("status", "none")
         if status == "completed":
+            await _settled(mon)
             return dict(info)
         if status in ("failed", "cancelled"):
             reason = info.get("error-desc", status)
@@ -252,15 +252,23 @@ async def _wait_migration(op: Operation, mon: qmp.Monitor, fd: int) -> dict[str,
 
 
 async def _abort_save(vm: Vm, mon: qmp.Monitor, tag: str | None, state: RunState) -> None:
-    """Best effort after a failed save: migration cancelled, tags gone, vCPUs as before."""
-    await _cancel_migration(vm, mon, tag)
+    """Best effort after a failed save: migration ended, vCPUs (and disks) as before,
+    then the tags gone: a block command on the disks a completed migration left
+    inactive makes QEMU 7.2 abort, so they are active again first."""
+    await _end_migration(vm, mon)
     try:
         await _resume(vm, mon, state)
     except SnapfsError as err:
         logger.error("domain %s: resuming after a failed save: %s", vm.name, err)
+    if tag is not None:
+        try:
+            await vm.delete_disk_tag(tag)
+        except SnapfsError as err:
+            logger.error("domain %s: removing the disk snapshots of a failed save: %s",
+                         vm.name, err)
 
 
-async def _cancel_migration(vm: Vm, mon: qmp.Monitor, tag: str | None) -> None:
+async def _end_migration(vm: Vm, mon: qmp.Monitor) -> None:
     """End a save still in progress: a stop-and-save is cancelled; a background
     snapshot is let run to its end, because QEMU 7.2 cancels one without taking
     its write protection off the guest's memory, and every later save of that
@@ -274,10 +282,20 @@ async def _cancel_migration(vm: Vm, mon: qmp.Monitor, tag: str | None) -> None:
                 logger.warning("domain %s: letting an interrupted live save finish", vm.name)
             while (await mon.execute("query-migrate")).get("status") not in MIGRATION_ENDED:
                 await trio.sleep(0.01)
-        if tag is not None:
-            await vm.delete_disk_tag(tag)
+        await _settled(mon)
     except SnapfsError as err:
-        logger.error("domain %s: cleaning up a failed save: %s", vm.name, err)
+        logger.error("domain %s: ending a failed save: %s", vm.name, err)
+
+
+async def _settled(mon: qmp.Monitor) -> str:
+    """QEMU's run state once a migration's end has been taken in: its status says
+    ``completed`` while the vCPUs are still in ``finish-migrate``, where ``cont``
+    is refused ("Migration is not finalized yet")."""
+    with trio.move_on_after(SETTLE_TIMEOUT):
+        while (status := (await mon.execute("query-status"))["status"]) == "finish-migrate":
+            await trio.sleep(0.002)
+        return str(status)
+    raise QemuError("QEMU stayed in finish-migrate after the save ended")
 
 
 async def _background(mon: qmp.Monitor) -> bool:
@@ -293,9 +311,13 @@ async def _reactivate_paused(mon: qmp.Monitor) -> None:
 
 
 async def _resume(vm: Vm, mon: qmp.Monitor, state: RunState) -> None:
-    """Bring the vCPUs back to ``state`` (a failed save must not leave a VM paused)."""
-    if state is RunState.RUNNING and await vm.run_state() is not RunState.RUNNING:
+    """Bring the vCPUs back to ``state`` (a failed save must not leave a VM paused),
+    and a paused domain's disks back to life after a completed save."""
+    now = (await mon.execute("query-status"))["status"]
+    if state is RunState.RUNNING and now != "running":
         await mon.execute("cont")
+    elif state is RunState.PAUSED and now == "postmigrate":
+        await _reactivate_paused(mon)
     vm.remember_state(state)
 
 
@@ -319,9 +341,5 @@ async def settle(vm: Vm, state: RunState) -> None:
     if not vm.running:
         return
     mon = await vm.monitor()
-    await _cancel_migration(vm, mon, None)
-    now = (await mon.execute("query-status"))["status"]
-    if state is RunState.RUNNING and now != "running":
-        await mon.execute("cont")
-    elif state is RunState.PAUSED and now == "postmigrate":
-        await _reactivate_paused(mon)
+    await _end_migration(vm, mon)
+    await _resume(vm, mon, state)
