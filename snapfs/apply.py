@@ -96,8 +96,9 @@ async def apply(op: Operation, target: Target, paused: bool, keep_undo: bool) ->
     vm, snap = op.vm, target.snap
     state = await vm.run_state()
     undo_tag = f".undo-{time.time_ns()}"
+    old = await _undo_tag(vm)
     op.begin(snapshot=snap.name, tag=snap.disk_tag, paused=paused, state=state.value,
-             undo_tag=undo_tag, undo=keep_undo)
+             undo_tag=undo_tag, undo=keep_undo, old_undo_tag=old)
     undo: VmSnapshot | None = None
     op.step(ApplyStep.UNDO)
     damage: list[SnapfsError] = []
@@ -138,7 +139,7 @@ async def apply(op: Operation, target: Target, paused: bool, keep_undo: bool) ->
             elif isinstance(err, SnapfsError):
                 err.args = (f"{err}; no .undo was kept (--no-undo): the domain is shut off",)
         raise
-    await finish(op, snap.name, keep_undo, sealed[0][1] if sealed else "")
+    await finish(op, snap.name, keep_undo, old, sealed[0][1] if sealed else "")
 
 
 async def _verify_sha256(vm: Vm, snap: VmSnapshot, damage: list[SnapfsError]) -> None:
@@ -257,16 +258,30 @@ async def bring_back_undo(op: Operation, undo: VmSnapshot, err: BaseException) -
                     "the apply",)
 
 
-async def finish(op: Operation, snapshot: str, keep_undo: bool, undo_sha256: str = "") -> None:
-    """``.undo.next`` becomes ``.undo`` (with the sha256 of its image when known: an
-    apply finished by recovery keeps only its size); the snapshot becomes current."""
+async def _undo_tag(vm: Vm) -> str:
+    """The disk tag of the domain's ``.undo``, "" when it has none."""
+    if not await trio.to_thread.run_sync(vm.store.exists, UNDO):
+        return ""
+    try:
+        return (await trio.to_thread.run_sync(vm.store.read, UNDO)).disk_tag
+    except SnapfsError:
+        return ""
+
+
+async def finish(op: Operation, snapshot: str, keep_undo: bool, old_undo_tag: str,
+                 undo_sha256: str = "", renaming: bool = False) -> None:
+    """The old ``.undo`` goes (step keep-undo; by ``old_undo_tag``, recorded when the
+    apply began, as its info file may already be gone), then ``.undo.next`` becomes
+    ``.undo`` (step rename-undo; with the sha256 of its image when known: an apply
+    finished by recovery keeps only its size); the snapshot becomes current.
+    ``renaming``: recovery found the rename begun, so the old one is gone."""
     store = op.vm.store
+    has_next = await trio.to_thread.run_sync(store.exists, UNDO_NEXT)
     op.step(ApplyStep.KEEP_UNDO)
     with trace.phase("keep .undo"):
-        has_next = await trio.to_thread.run_sync(store.exists, UNDO_NEXT)
-        if (has_next or not keep_undo) and await trio.to_thread.run_sync(store.exists, UNDO):
-            old = await trio.to_thread.run_sync(store.read, UNDO)
-            await op.vm.forget(old.name, old.disk_tag)
+        if (has_next or not keep_undo) and old_undo_tag and not renaming:
+            await op.vm.forget(UNDO, old_undo_tag)
+        op.step(ApplyStep.RENAME_UNDO)
         if has_next:
             await trio.to_thread.run_sync(store.rename, UNDO_NEXT, UNDO, undo_sha256)
             if undo_sha256:

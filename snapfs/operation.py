@@ -70,7 +70,8 @@ class ApplyStep(enum.StrEnum):
     QUIT = "quit"                   # the old QEMU is quit: past the point of no return
     REVERT = "revert"               # disks reverted
     RESTORE = "restore"             # memory loading
-    KEEP_UNDO = "keep-undo"         # .undo.next becomes .undo
+    KEEP_UNDO = "keep-undo"         # the old .undo removed (its tag is in the journal)
+    RENAME_UNDO = "rename-undo"     # .undo.next becomes .undo
     CURRENT = "current"
 
 

@@ -11,8 +11,10 @@ step it records:
                            settled (migration cancelled, vCPUs as they were),
                            the partial save image and the tags removed
     vm-snapshot-apply      before ``quit``: rolled back as a create of .undo.next;
-                           after: rolled forward (restore again, then keep-undo
-                           and current), and if the restore fails the state it
+                           after: rolled forward (restore again, then keep-undo:
+                           the old .undo removed by the tag the journal recorded,
+                           unless rename-undo was reached; then the rename and
+                           current), and if the restore fails the state it
                            replaced comes back from .undo.next
 """
 
@@ -95,4 +97,5 @@ async def _recover_apply(op: Operation, entry: Entry) -> None:
             if undo is not None:
                 await bring_back_undo(op, undo, err)
             raise
-    await finish(op, facts["snapshot"], keep_undo)
+    await finish(op, facts["snapshot"], keep_undo, facts.get("old_undo_tag", ""),
+                 renaming=entry.reached(ApplyStep.RENAME_UNDO))

@@ -24,7 +24,7 @@ DEVS = ("vda", "vdb")
 
 CREATE_STEPS = ["stop", "transaction", "migrate", "resume", "record", "current"]
 APPLY_STEPS = (["undo"] + [f"undo:{s}" for s in CREATE_STEPS]
-               + ["quit", "revert", "restore", "keep-undo", "current"])
+               + ["quit", "revert", "restore", "keep-undo", "rename-undo", "current"])
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_apply_killed(rec: Env, step: str) -> None:
     assert_running(rec)
     assert_consistent(rec)
     status = json.loads(rec.snapfs("domain", "status", "--json", DOM).stdout)
-    if step in ("quit", "revert", "restore", "keep-undo", "current"):
+    if step in ("quit", "revert", "restore", "keep-undo", "rename-undo", "current"):
         assert status["current"] == "base", "an apply past quit is finished"
         assert ".undo" in info_tags(rec)
 
