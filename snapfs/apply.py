@@ -96,7 +96,7 @@ async def apply(op: Operation, target: Target, paused: bool, keep_undo: bool) ->
     vm, snap = op.vm, target.snap
     state = await vm.run_state()
     undo_tag = f".undo-{time.time_ns()}"
-    old = await _undo_tag(vm)
+    old = await vm.stored_tag(UNDO)
     op.begin(snapshot=snap.name, tag=snap.disk_tag, paused=paused, state=state.value,
              undo_tag=undo_tag, undo=keep_undo, old_undo_tag=old)
     undo: VmSnapshot | None = None
@@ -256,16 +256,6 @@ async def bring_back_undo(op: Operation, undo: VmSnapshot, err: BaseException) -
     if isinstance(err, SnapfsError):
         err.args = (f"{err}; the domain was brought back to the state it had before "
                     "the apply",)
-
-
-async def _undo_tag(vm: Vm) -> str:
-    """The disk tag of the domain's ``.undo``, "" when it has none."""
-    if not await trio.to_thread.run_sync(vm.store.exists, UNDO):
-        return ""
-    try:
-        return (await trio.to_thread.run_sync(vm.store.read, UNDO)).disk_tag
-    except SnapfsError:
-        return ""
 
 
 async def finish(op: Operation, snapshot: str, keep_undo: bool, old_undo_tag: str,

@@ -17,6 +17,18 @@ A coarse timestamp can hide a change made in the same tick as the read, so an
 entry is trusted while its key is the same only if that key was SETTLED
 seconds old when it was read; otherwise for FRESH seconds at most. The
 engine's own verbs drop a domain's entries at once (``changed``).
+
+Checking a key costs a stat (of the store dir and each image on a worker
+thread) on every call. A mounted tree, one long-lived process, runs ``watch``
+(``watch.DomainWatch``: inotify on everything these are read from), and each
+change gives the domain a new *generation*. An entry carries the generation
+it was read under; while its domain still has that one, the entry is the
+truth, given with no stat, no thread hop, no checkpoint. A settled entry
+whose key still holds is the truth as of that check: it carries the
+generation checked under from then on. Under a watch the store's single
+snapshots (``.undo``) and the save images' sizes are kept too, for one
+generation; without one they are read each time. A domain the watch cannot
+follow has no generation: its keys are checked.
 """
 
 import os
@@ -33,14 +45,17 @@ from .config import Dirs, DomainDef, load_domain
 from .errors import NotFound
 from .images import DiskSnapshot, DiskTable
 from .store import DAMAGED, Store, VmSnapshot
+from .watch import DomainWatch, Sources
 
 __all__ = ["Catalog", "FRESH", "SETTLED"]
 
 FRESH = 0.5
 SETTLED = 1.0
 CONFIGS_MAX = 10_000   # saved definitions kept (a few KiB each); past this, start again
+KEPT_MAX = 10_000      # single snapshots or save sizes kept for one generation
 
 T = TypeVar("T")
+K = TypeVar("K", bound=Hashable)
 StatKey = tuple[int, int, int] | None
 
 
@@ -62,6 +77,7 @@ class _Entry(Generic[T]):
     key: Hashable
     read_at: float
     settled: bool
+    generation: int | None      # the watch's, of the domain, when it was read or checked
     value: T
 
 
@@ -71,28 +87,61 @@ class _Cache(Generic[T]):
     def __init__(self) -> None:
         self._entries: dict[str, _Entry[T]] = {}
 
-    def get(self, name: str, key: Hashable) -> T | None:
+    def kept(self, name: str, generation: int | None) -> T | None:
+        """The value read under ``generation``, the domain's still: no look needed."""
+        entry = self._entries.get(name)
+        if entry is None or generation is None or entry.generation != generation:
+            return None
+        return entry.value
+
+    def get(self, name: str, key: Hashable, generation: int | None) -> T | None:
+        """The value if its key says it is still good; ``generation`` was taken before
+        the key was read."""
         entry = self._entries.get(name)
         if entry is None or entry.key != key:
             return None
-        if entry.settled or time.monotonic() - entry.read_at < FRESH:
+        if entry.settled:
+            entry.generation = generation
+            return entry.value
+        if time.monotonic() - entry.read_at < FRESH:
             return entry.value
         return None
 
-    def put(self, name: str, key: Hashable, settled: bool, value: T) -> T:
-        self._entries[name] = _Entry(key, time.monotonic(), settled, value)
+    def put(self, name: str, key: Hashable, settled: bool, generation: int | None,
+            value: T) -> T:
+        self._entries[name] = _Entry(key, time.monotonic(), settled, generation, value)
         return value
 
     def drop(self, name: str) -> None:
         self._entries.pop(name, None)
 
-    async def read(self, name: str, key: Hashable, settled: bool,
+    async def read(self, name: str, key: Hashable, settled: bool, generation: int | None,
                    load: Callable[[], Awaitable[T]]) -> T:
-        cached = self.get(name, key)
+        cached = self.get(name, key, generation)
         if cached is not None:
             await trio.lowlevel.checkpoint()
             return cached
-        return self.put(name, key, settled, await load())
+        return self.put(name, key, settled, generation, await load())
+
+
+class _Kept(Generic[K, T]):
+    """Values by domain and key, kept only under a watch, for one generation."""
+
+    def __init__(self) -> None:
+        self._kept: dict[str, tuple[int, dict[K, T]]] = {}
+
+    def under(self, name: str, generation: int | None) -> dict[K, T] | None:
+        """What is kept of the domain under ``generation``, to read and add to; None:
+        nothing may be kept."""
+        if generation is None:
+            return None
+        kept = self._kept.get(name)
+        if kept is None or kept[0] != generation or len(kept[1]) >= KEPT_MAX:
+            kept = self._kept[name] = (generation, {})
+        return kept[1]
+
+    def drop(self, name: str) -> None:
+        self._kept.pop(name, None)
 
 
 class Catalog:
@@ -100,30 +149,63 @@ class Catalog:
 
     def __init__(self, dirs: Dirs) -> None:
         self.dirs = dirs
-        self._definitions: dict[str, tuple[StatKey, DomainDef]] = {}
+        self._watch: DomainWatch | None = None
+        self._definitions: _Cache[DomainDef] = _Cache()
         self._lists: _Cache[dict[str, VmSnapshot]] = _Cache()
         self._tables: _Cache[DiskTable] = _Cache()
         self._configs: dict[tuple[str, str], tuple[VmSnapshot, bytes]] = {}
         self._checked: dict[str, tuple[object, object, dict[str, VmSnapshot]]] = {}
+        self._stored: _Kept[str, VmSnapshot | None] = _Kept()
+        self._saves: _Kept[Path, tuple[int, int]] = _Kept()
+
+    async def watch(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+                    ) -> None:
+        """Follow every domain's changes for as long as this runs (a mounted tree runs it
+        in its nursery): entries are trusted by generation (module docstring)."""
+        watch = DomainWatch(self._sources)
+        self._watch = watch
+        try:
+            await watch.run(task_status)
+        finally:
+            self._watch = None
+
+    def _sources(self, name: str) -> Sources:
+        definition = load_domain(self.dirs, name)
+        return Sources(self.definition_path(name), Store(self.dirs, definition.uuid).dir,
+                       tuple(disk.file for disk in definition.disks))
+
+    def _generation(self, name: str) -> int | None:
+        return None if self._watch is None else self._watch.generation(name)
 
     def changed(self, name: str) -> None:
         """A verb of this process changed the domain: read it again next time."""
         self._lists.drop(name)
         self._tables.drop(name)
         self._checked.pop(name, None)
+        self._stored.drop(name)
+        self._saves.drop(name)
 
     def definition_path(self, name: str) -> Path:
         return self.dirs.domains / f"{name}.toml"
 
+    def defined(self, name: str) -> bool:
+        """Whether ``name`` has a definition file (a stat, unless the watch follows it)."""
+        return self._generation(name) is not None or os.path.exists(self.definition_path(name))
+
     def definition(self, name: str) -> DomainDef:
         """:raise NotFound: when no domain has that name. :raise ConfigError:"""
+        generation = self._generation(name)
+        kept = self._definitions.kept(name, generation)
+        if kept is not None:
+            return kept
+        wall = time.time_ns()
         key = stat_key(self.definition_path(name))
-        cached = self._definitions.get(name)
-        if key is not None and cached is not None and cached[0] == key:
-            return cached[1]
+        cached = self._definitions.get(name, key, generation) if key is not None else None
+        if cached is not None:
+            return cached
         definition = load_domain(self.dirs, name)
         if key is not None:
-            self._definitions[name] = (key, definition)
+            self._definitions.put(name, key, _settled([key[1]], wall), generation, definition)
         return definition
 
     def store(self, name: str) -> Store:
@@ -131,16 +213,21 @@ class Catalog:
 
     async def snapshots(self, name: str) -> dict[str, VmSnapshot]:
         """The domain's VM snapshots by name, oldest first."""
+        generation = self._generation(name)
+        kept = self._lists.kept(name, generation)
+        if kept is not None:
+            return kept
         store = self.store(name)
         wall = time.time_ns()
         try:
-            mtime = (await trio.to_thread.run_sync(os.stat, store.dir)).st_mtime_ns
+            mtime: int | None = (await trio.to_thread.run_sync(os.stat, store.dir)).st_mtime_ns
         except FileNotFoundError:
-            return {}
+            mtime = None    # no snapshot yet: its first makes the dir
 
         async def load() -> dict[str, VmSnapshot]:
             return {s.name: s for s in await trio.to_thread.run_sync(store.list)}
-        return await self._lists.read(name, mtime, _settled([mtime], wall), load)
+        settled = mtime is None or _settled([mtime], wall)
+        return await self._lists.read(name, mtime, settled, generation, load)
 
     async def checked_snapshots(self, name: str) -> dict[str, VmSnapshot]:
         """``snapshots``, where one whose disk snapshot is missing on a disk of the
@@ -154,18 +241,51 @@ class Catalog:
         self._checked[name] = (snaps, table, checked)
         return checked
 
+    async def stored(self, name: str, snapshot: str) -> VmSnapshot:
+        """One snapshot as its info file says, ``.undo`` included. :raise NotFound:"""
+        kept = self._stored.under(name, self._generation(name))
+        if kept is not None and snapshot in kept:
+            snap = kept[snapshot]
+        else:
+            store = self.store(name)
+            try:
+                snap = await trio.to_thread.run_sync(store.read, snapshot)
+            except NotFound:
+                snap = None
+            if kept is not None:
+                kept[snapshot] = snap
+        if snap is None:
+            raise NotFound(f"no VM snapshot named {snapshot!r}")
+        return snap
+
+    async def save_size(self, name: str, save: Path) -> tuple[int, int]:
+        """A save image's size and 512-byte blocks. :raise FileNotFoundError:"""
+        kept = self._saves.under(name, self._generation(name))
+        if kept is not None and save in kept:
+            return kept[save]
+        st = await trio.to_thread.run_sync(save.stat)
+        # Only what is in the store is followed by the watch.
+        if kept is not None and save.parent == self.store(name).dir:
+            kept[save] = st.st_size, st.st_blocks
+        return st.st_size, st.st_blocks
+
     async def disk_table(self, name: str, fresh: bool = False) -> DiskTable:
         """Every disk snapshot of the domain's disks by tag, and the disks' sizes, read
         with ``qemu-img -U``: without the domain's lock, so a listing never waits
         behind a long operation."""
+        generation = self._generation(name)
+        if fresh:
+            self._tables.drop(name)
+        kept = self._tables.kept(name, generation)
+        if kept is not None:
+            return kept
         definition = self.definition(name)
         wall = time.time_ns()
         keys = tuple(stat_key(disk.file) for disk in definition.disks)
-        if fresh:
-            self._tables.drop(name)
         settled = all(k is not None for k in keys) and _settled(
             [k[1] for k in keys if k is not None], wall)
-        return await self._tables.read(name, keys, settled, lambda: _read_table(definition))
+        return await self._tables.read(name, keys, settled, generation,
+                                       lambda: _read_table(definition))
 
     async def config(self, name: str, snap: VmSnapshot) -> bytes:
         """The definition saved with ``snap``. :raise NotFound:"""
@@ -195,11 +315,6 @@ def _check_tags(snap: VmSnapshot, table: DiskTable) -> VmSnapshot:
                    f"missing on {', '.join(missing)}")
 
 
-def _tag_ok(tag: str) -> bool:
-    # qemu-img can make tags that cannot be file names; they stay out of the tree.
-    return tag not in ("", ".", "..") and "/" not in tag and "\0" not in tag
-
-
 async def _read_table(definition: DomainDef) -> DiskTable:
     table = DiskTable({}, {})
     for disk in definition.disks:
@@ -209,6 +324,5 @@ async def _read_table(definition: DomainDef) -> DiskTable:
         table.sizes[disk.dev] = (int(info["virtual-size"]), int(info.get("actual-size", 0)))
         for raw in info.get("snapshots", []):
             snap = DiskSnapshot.from_qemu(disk.dev, raw)
-            if _tag_ok(snap.tag):
-                table.tags.setdefault(snap.tag, []).append(snap)
+            table.tags.setdefault(snap.tag, []).append(snap)
     return table

@@ -4,7 +4,8 @@ Everything the CLI and the tree do goes through ``Engine``; they only translate
 arguments and errors. Each verb runs as one ``operation`` (lock, journal,
 progress, error, trace) over one ``Vm``; the protocols themselves live in
 ``save`` (create), ``apply`` and ``recovery``. Reads go through the
-``Catalog``, the one owner of caches, which the verbs here invalidate.
+``Catalog``, the one owner of caches, which the verbs here invalidate; a
+mounted tree has it follow every change as it happens (``Catalog.watch``).
 """
 
 import logging
@@ -57,6 +58,7 @@ class Engine:
         self.catalog = Catalog(dirs)
         self.views: DiskViews | None = None
         self._locks = Locks()
+        self._journals: dict[str, Journal] = {}     # for ``recover``'s look only
 
     # -- bookkeeping ----------------------------------------------------------
 
@@ -83,9 +85,15 @@ class Engine:
 
     async def recover(self, name: str) -> None:
         """Finish or roll back an operation a dead process left in the journal, if any."""
-        if Journal(self.dirs, name).pending() and self.progress(name) is None:
+        if self._journal(name).pending() and self.progress(name) is None:
             async with self._operation(name, OpName.RECOVERY):
                 pass
+
+    def _journal(self, name: str) -> Journal:
+        # Asked before every answer of the tree: its path is made once.
+        if name not in self._journals:
+            self._journals[name] = Journal(self.dirs, name)
+        return self._journals[name]
 
     def progress(self, name: str) -> Progress | None:
         """The operation in progress on the domain, by this process or another."""
@@ -165,7 +173,7 @@ class Engine:
                 raise NotFound(f"no disk snapshot with {what} on {name!r}")
             owner = next((s.name for s in (await self.catalog.snapshots(name)).values()
                           if s.disk_tag == tag), "")
-            if owner or await self._undo_tag(op.vm) == tag:
+            if owner or tag in (await op.vm.stored_tag(UNDO), await op.vm.stored_tag(UNDO_NEXT)):
                 raise Busy(f"disk snapshot {tag!r} belongs to VM snapshot {owner or UNDO!r}; "
                            "delete it with vm-snapshot-delete")
             op.vm.refuse_viewed(tag)
@@ -173,11 +181,6 @@ class Engine:
             op.step(DiskDeleteStep.DELETE)
             await op.vm.delete_disk_tag(tag)
 
-    async def _undo_tag(self, vm: Vm) -> str:
-        for name in (UNDO, UNDO_NEXT):
-            if await trio.to_thread.run_sync(vm.store.exists, name):
-                return (await trio.to_thread.run_sync(vm.store.read, name)).disk_tag
-        return ""
 
     # -- VM snapshots -------------------------------------------------------------
 
@@ -229,8 +232,7 @@ class Engine:
     # -- the tree's queries (snapfs.ops.queries.Queries) ----------------------------
 
     def domain_exists(self, domain: str) -> bool:
-        return DOMAIN_NAME.fullmatch(domain) is not None and \
-            os.path.exists(self.catalog.definition_path(domain))
+        return DOMAIN_NAME.fullmatch(domain) is not None and self.catalog.defined(domain)
 
     def domains_mtime_ns(self) -> int:
         try:
@@ -264,7 +266,7 @@ class Engine:
             snap = (await self.snapshots(domain)).get(name)
             if snap is not None:
                 return snap
-        return await trio.to_thread.run_sync(self.catalog.store(domain).read, name)
+        return await self.catalog.stored(domain, name)
 
     async def snapshot_config(self, domain: str, name: str) -> bytes:
         return await self.catalog.config(domain, await self.snapshot(domain, name))
@@ -274,10 +276,9 @@ class Engine:
         if snap.save is None:
             raise NotFound(f"snapshot {name!r} of {domain!r} was taken shut off: no save image")
         try:
-            st = await trio.to_thread.run_sync(snap.save.stat)
+            return await self.catalog.save_size(domain, snap.save)
         except FileNotFoundError:
             raise NotFound(f"the save image of {name!r} is gone") from None
-        return st.st_size, st.st_blocks
 
     async def open_save(self, domain: str, name: str) -> FileReader:
         snap = await self.snapshot(domain, name)

@@ -235,6 +235,16 @@ class Vm:
             else:
                 await images.snapshot_delete(disk.file, tag, snaps)
 
+    async def stored_tag(self, name: str) -> str:
+        """The disk tag of the stored snapshot ``name`` (``.undo``...), "" when there is
+        none or its info file cannot be read."""
+        try:
+            if await trio.to_thread.run_sync(self.store.exists, name):
+                return (await trio.to_thread.run_sync(self.store.read, name)).disk_tag
+        except SnapfsError:
+            pass
+        return ""
+
     async def forget(self, name: str, tag: str) -> None:
         """Remove VM snapshot ``name``, whatever state it is in: its info file first,
         so it is gone at once, then its disk snapshots and files (a dead process's

@@ -544,6 +544,56 @@ def test_the_cli_and_the_tree_see_each_others_changes(tree: Tree) -> None:
     assert "never-was" in tree.status("off")["last_error"]
 
 
+# Under a mounted tree the catalog keeps its answers until the watch sees a
+# change, without a look. Past catalog.SETTLED, checking the keys would trust
+# them too: a change the watch missed would stay unseen. Wait that long.
+SETTLED = 1.5
+
+
+def _stat_everything(top: Path) -> list[str]:
+    """Stat and list a snapshot directory and its files, as find -ls would."""
+    return sh(f"find {top} -ls").splitlines()
+
+
+def test_a_snapshot_the_cli_deletes_goes_though_it_was_kept(tree: Tree) -> None:
+    env, off = tree.env, tree / "off"
+    env.snapfs("vm-snapshot-create", "-n", "kept", "off")
+    time.sleep(SETTLED)
+    for _ in range(2):      # the second time from what the catalog kept
+        assert len(_stat_everything(off / "kept")) == 8     # itself, 5 entries, 2 views
+        assert (off / "kept/info.json").stat().st_size > 0
+    env.snapfs("vm-snapshot-delete", "-n", "kept", "off")
+    _within(VISIBLE_WITHIN, lambda: "kept" not in os.listdir(off)
+            and not (off / "kept").exists() and not (off / "kept/info.json").exists()
+            and not (off / "kept/disks/vda.raw").exists())
+
+
+def test_a_name_taken_again_shows_the_new_snapshot(tree: Tree) -> None:
+    env, off = tree.env, tree / "off"
+    info = off / "again/info.json"
+    env.snapfs("vm-snapshot-create", "-n", "again", "off")
+    time.sleep(SETTLED)
+    _stat_everything(off / "again")
+    old = json.loads(info.read_text())
+    assert json.loads(info.read_text()) == old      # kept, and still true
+    env.snapfs("vm-snapshot-delete", "-n", "again", "off")
+    time.sleep(1.1)     # creation times are whole seconds
+    env.snapfs("vm-snapshot-create", "-n", "again", "off")
+
+    def new_one() -> bool:
+        try:
+            return bool(json.loads(info.read_text())["creation_time"] > old["creation_time"])
+        except (OSError, ValueError):
+            return False
+    _within(VISIBLE_WITHIN, new_one)
+    new = json.loads(info.read_text())
+    assert os.stat(off / "again").st_mtime == new["creation_time"]
+    time.sleep(SETTLED)     # what the catalog keeps from now on is the new snapshot's
+    assert json.loads(info.read_text()) == new
+    assert os.stat(info).st_size == len(info.read_bytes())
+    env.snapfs("vm-snapshot-delete", "-n", "again", "off")
+
+
 def test_verbs_on_two_domains_run_side_by_side(tree: Tree) -> None:
     env = tree.env
     with domain_lock(env, "web"):        # another process is busy with web

@@ -99,6 +99,19 @@ def _tag_fits(tag: str) -> bool:
     return tag not in ("", ".", "..") and "/" not in tag and "\0" not in tag
 
 
+# The last table filtered and its tags that fit: a request asks for the tags
+# several times and a table can hold thousands; the engine hands out the same
+# table object for as long as its images are unchanged.
+_fitted: tuple[DiskTable, dict[str, list[DiskSnapshot]]] | None = None
+
+
+def _fitting_tags(table: DiskTable) -> dict[str, list[DiskSnapshot]]:
+    global _fitted
+    if _fitted is None or _fitted[0] is not table:
+        _fitted = (table, {tag: snaps for tag, snaps in table.tags.items() if _tag_fits(tag)})
+    return _fitted[1]
+
+
 class At:
     """A path fitted to its row, and what was read about it while answering one request."""
 
@@ -149,8 +162,7 @@ class At:
 
     async def tags(self) -> dict[str, list[DiskSnapshot]]:
         """The domain's disk snapshots by tag, those whose tag can be a file name."""
-        table = await self.disk_table()
-        return {tag: snaps for tag, snaps in table.tags.items() if _tag_fits(tag)}
+        return _fitting_tags(await self.disk_table())
 
     async def tag(self) -> str:
         """The tag this path shows: ``.disk/<tag>``'s, or its VM snapshot's."""
@@ -208,34 +220,52 @@ _FITS: dict[str, Callable[[str], bool]] = {
 }
 
 
+def _any_name(name: str) -> bool:
+    return True
+
+
 class _Row:
     """One row of a ``PathTable``: its pattern as one matcher per name."""
 
     def __init__(self, pattern: str, kind: NodeKind) -> None:
         self.pattern = pattern
         self.kind = kind
-        self.parts: list[str | tuple[str, str]] = []     # a fixed name, or (<x>, suffix)
+        self.depth = 0
+        self.last: str | None = None    # the last name, if fixed
+        # The fixed names by position, then each <x>: position, x, suffix, what fits.
+        self._fixed: list[tuple[int, str]] = []
+        self._wild: list[tuple[int, str, str, Callable[[str], bool]]] = []
         for part in filter(None, pattern.split("/")):
             wild = re.fullmatch(r"<(\w+)>(.*)", part)
-            self.parts.append((wild[1], wild[2]) if wild else part)
+            if wild:
+                self._wild.append((self.depth, wild[1], wild[2], _FITS.get(wild[1], _any_name)))
+            else:
+                self._fixed.append((self.depth, part))
+            self.last = None if wild else part
+            self.depth += 1
 
-    def fit(self, path: Iterable[str]) -> dict[str, str] | None:
+    def fit(self, path: TreePath) -> dict[str, str] | None:
         """What each <x> matches in ``path``, or None: it does not fit.
 
-        Only as many names as the row has are looked at: ``path`` may be a
-        longer one, whose parent this row would be.
+        Only the names both have are looked at: ``path`` may be a shorter one,
+        this row's parent, or a longer one, whose parent this row would be.
         """
-        names = {}
-        for part, name in zip(self.parts, path, strict=False):
-            if isinstance(part, str):
-                if name != part:
-                    return None
-                continue
-            field, suffix = part
-            value = name.removesuffix(suffix) if name.endswith(suffix) else ""
-            if not value or not _FITS.get(field, bool)(value):
+        length = len(path)
+        for position, fixed in self._fixed:
+            if position < length and path[position] != fixed:
                 return None
-            names[field] = value
+        names = {}
+        for position, field, suffix, fits in self._wild:
+            if position >= length:
+                break
+            name = path[position]
+            if suffix:
+                if not name.endswith(suffix):
+                    return None
+                name = name[:-len(suffix)]
+            if not name or not fits(name):
+                return None
+            names[field] = name
         return names
 
 
@@ -244,21 +274,36 @@ class PathTable:
 
     def __init__(self, rows: Sequence[tuple[str, NodeKind]]) -> None:
         self.rows = [_Row(pattern, kind) for pattern, kind in rows]
+        # Only the rows a path could fit are tried, in the table's order: at its
+        # depth, those whose last name is the path's, and those ending in <x>.
+        self._wild_last: dict[int, list[_Row]] = {}
+        self._by_last: dict[tuple[int, str], list[_Row]] = {}
+        self._fixed_last: dict[int, list[tuple[_Row, str]]] = {}
+        for row in self.rows:
+            if row.last is None:
+                self._wild_last.setdefault(row.depth, []).append(row)
+            else:
+                self._fixed_last.setdefault(row.depth, []).append((row, row.last))
+                self._by_last[row.depth, row.last] = [
+                    other for other in self.rows
+                    if other.depth == row.depth and other.last in (None, row.last)]
 
     def fit(self, path: TreePath) -> tuple[NodeKind, dict[str, str]] | None:
         """What ``path`` would be, from its names alone, and the names its <x> match."""
-        for row in self.rows:
-            if len(row.parts) == len(path):
-                names = row.fit(path)
-                if names is not None:
-                    return row.kind, names
+        depth = len(path)
+        candidates = self._by_last.get((depth, path[-1] if path else ""))
+        if candidates is None:
+            candidates = self._wild_last.get(depth, [])
+        for row in candidates:
+            names = row.fit(path)
+            if names is not None:
+                return row.kind, names
         return None
 
     def fixed_names(self, path: TreePath) -> list[str]:
         """The rows' fixed names one below ``path``, in the table's order."""
-        return [row.parts[-1] for row in self.rows
-                if len(row.parts) == len(path) + 1 and isinstance(row.parts[-1], str)
-                and row.fit(path) is not None]
+        return [last for row, last in self._fixed_last.get(len(path) + 1, [])
+                if row.fit(path) is not None]
 
     def resolve(self, queries: Queries, path: TreePath, started_ns: int) -> At:
         """``path`` fitted to its row.
