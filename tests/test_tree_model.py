@@ -152,7 +152,8 @@ async def test_bad_snapshot_names_are_refused_and_reported(
         ops: Operations, name: bytes, errnum: int) -> None:
     for parent in (DOM, f"{DOM}/.disk"):
         await fails(errnum, ops.mkdir((await walk(ops, parent)).st_ino, name, 0o755, None))
-        assert "mkdir" in (await status(ops))["last_error"]
+        # A file manager probing `.Trash-0` must not bury a real failure.
+        assert "mkdir" not in (await status(ops))["last_error"]
 
 
 async def test_a_64_byte_name_is_fine_and_a_taken_one_is_eexist(ops: Operations) -> None:
@@ -202,7 +203,7 @@ async def test_every_other_change_is_erofs(ops: Operations) -> None:
         ]
         for call in refused:
             await fails(errno.EROFS, call)
-        assert "rmdir m1/.disk: read-only" in (await status(ops))["last_error"]
+        assert "read-only" not in (await status(ops))["last_error"], "refusals are not news"
         # Truncating apply is what `echo running > apply` may ask first: allowed.
         apply = (await walk(ops, f"{DOM}/ro/apply")).st_ino
         await ops.setattr(apply, attr, SimpleNamespace(

@@ -625,7 +625,7 @@ async def test_undo_is_a_snapshot_directory_that_cannot_be_removed(
     assert await read_file(ops, f"{DOM}/.undo/save") == b"memory before apply"
     assert list(await listdir(ops, f"{DOM}/.undo/disks", monkeypatch)) == ["vda.raw", "vdb.raw"]
     await fails(errno.EROFS, rmdir(ops, DOM, ".undo"))
-    assert "rmdir web1/.undo: read-only" in (await status(ops))["last_error"]
+    assert "read-only" not in (await status(ops))["last_error"], "refusals are not news"
     # .undo is a snapshot like the others: applying it swaps back.
     assert await write_apply(ops, ".undo", b"running\n") == 8
     assert (await walk(ops, f"{DOM}/.undo")).st_mtime_ns > attr.st_mtime_ns
@@ -750,9 +750,10 @@ async def test_mkdir_and_rmdir_make_and_delete_snapshots(
 async def test_bad_snapshot_names_are_refused_and_reported(
         ops: Operations, fake: FakeQueries, name: bytes, errnum: int) -> None:
     for parent in (DOM, f"{DOM}/.disk"):
-        fake.domains[DOM].last_error = ""
+        fake.domains[DOM].last_error = "an earlier, real failure"
         await fails(errnum, ops.mkdir((await walk(ops, parent)).st_ino, name, 0o755, None))
-        assert (await status(ops))["last_error"].startswith(f"mkdir in {parent}: ")
+        # A file manager probing `.Trash-0` does not bury it.
+        assert (await status(ops))["last_error"] == "an earlier, real failure"
     assert sorted(fake.domains[DOM].snapshots) == ["s1", "s2"]
 
 
@@ -840,9 +841,10 @@ async def test_every_other_change_is_erofs(ops: Operations, fake: FakeQueries) -
         ops.mkdir(ROOT, b"newdomain", 0o755, None),
         ops.rmdir(dom, b".disk", None),
     ]
+    fake.domains[DOM].last_error = "an earlier, real failure"
     for call in refused:
         await fails(errno.EROFS, call)
-    assert "rmdir web1/.disk: read-only" in (await status(ops))["last_error"]
+    assert (await status(ops))["last_error"] == "an earlier, real failure"
     assert sorted(fake.domains[DOM].snapshots) == ["s1", "s2"]
 
 

@@ -25,7 +25,7 @@ import trio
 from ..config import check_snapshot_name
 from ..errors import Busy, NotFound, SnapfsError, StateError
 from .kinds import TABLE
-from .nodes import FRESH, At, Node, TreePath, domain_exists
+from .nodes import FRESH, At, Node, TreePath
 from .queries import Queries, Readable
 
 __all__ = ["FRESH", "RELEASE_GRACE", "Node", "OpenFile", "ReadOnly", "Tree", "TreePath"]
@@ -159,21 +159,22 @@ class Tree:
     # -- verbs ---------------------------------------------------------------
 
     def _fail(self, dom: str, err: SnapfsError) -> SnapfsError:
-        """Record an error the tree itself raises as the domain's last_error."""
+        """Record a verb's failure the tree itself finds as the domain's last_error."""
         self.queries.record_error(dom, str(err))
         return err
 
+    # A change the tree has no verb for, or a name it cannot take, is refused with
+    # its errno only: backup tools and file managers probe (a `.Trash-0`, an
+    # unlink, a chmod) all the time, and last_error is for real failures.
+
     def _refused(self, path: TreePath, action: str, why: str) -> SnapfsError:
-        err = ReadOnly(f"{action} {_show(path) or '/'}: read-only ({why})")
-        if path and domain_exists(self.queries, path[0]):
-            self.queries.record_error(path[0], str(err))
-        return err
+        return ReadOnly(f"{action} {_show(path) or '/'}: read-only ({why})")
 
     def _new_name(self, parent: TreePath, name: bytes, what: str) -> str:
         try:
             return check_snapshot_name(name)
         except SnapfsError as err:
-            raise self._fail(parent[0], type(err)(f"{what} in {_show(parent)}: {err}")) from None
+            raise type(err)(f"{what} in {_show(parent)}: {err}") from None
 
     async def mkdir(self, parent: TreePath, name: bytes) -> Node:
         """``mkdir <dom>/<name>``: VM snapshot; ``mkdir <dom>/.disk/<tag>``: disk snapshot."""

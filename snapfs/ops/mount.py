@@ -2,8 +2,8 @@
 
     pyfuse3.init (mount; errors reach the caller's terminal)
       -> daemonize unless --foreground (log to <run dir>/mount.log)
-      -> trio.run: disk views (reaping what a crashed tree left), READY=1 to
-         $NOTIFY_SOCKET, serve until unmounted or signalled
+      -> trio.run: disk views (reaping what a crashed tree left), the catalog's
+         watch, READY=1 to $NOTIFY_SOCKET, serve until unmounted or signalled
       -> SIGTERM/SIGINT/SIGHUP: pyfuse3.terminate(); requests in progress finish
       -> the disk views' qemu-nbd servers stopped
       -> pyfuse3.close(unmount=True)
@@ -73,10 +73,45 @@ def _check_mountpoint(mountpoint: Path) -> None:
                           f"`fusermount3 -u {mountpoint}` clears it)") from None
     if os.path.ismount(mountpoint):
         raise SnapfsError(f"{mountpoint} is already a mount point")
+    inside = _snapfs_mount_above(mountpoint)
+    if inside:
+        # The new tree would hide part of the old one (a domain's directory,
+        # say) from everyone who browses it.
+        raise SnapfsError(f"{mountpoint} is inside the snapfs tree mounted on {inside}; "
+                          "mount it elsewhere")
 
 
-def _daemonize(log: Path) -> None:
-    """Detach from the terminal; stdout and stderr (faulthandler too) go to ``log``."""
+def _snapfs_mount_above(path: Path) -> str:
+    """The snapfs tree ``path`` lies in, if any ("" otherwise)."""
+    target = os.path.realpath(path)
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        fields = line.split(" - ", 1)
+        if len(fields) != 2 or not fields[1].startswith("fuse.snapfs "):
+            continue
+        # mountinfo escapes spaces and the like as octal.
+        point = fields[0].split()[4].encode().decode("unicode_escape")
+        if target == point or target.startswith(point.rstrip("/") + "/"):
+            return point
+    return ""
+
+
+def _open_log(log: Path) -> int:
+    """The detached tree's log, opened before anything is mounted so that a refusal
+    reaches the caller (a symlink planted in its place is refused, not followed)."""
+    try:
+        return os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+                       | os.O_NOFOLLOW, 0o600)
+    except OSError as err:
+        raise SnapfsError(f"cannot open the tree's log {log}: {err.strerror}") from None
+
+
+def _daemonize(out: int) -> None:
+    """Detach from the terminal; stdout and stderr (faulthandler too) go to ``out``."""
     if os.fork():
         os._exit(0)
     os.setsid()
@@ -84,7 +119,6 @@ def _daemonize(log: Path) -> None:
         os._exit(0)
     os.chdir("/")
     null = os.open(os.devnull, os.O_RDWR)
-    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     os.dup2(null, 0)
     os.dup2(out, 1)
     os.dup2(out, 2)
@@ -102,6 +136,7 @@ def mount(dirs: Dirs, mountpoint: Path, *, foreground: bool = False,
     mountpoint = mountpoint.absolute()
     _check_mountpoint(mountpoint)
     dirs.ensure()
+    log = -1 if foreground else _open_log(dirs.mount_log)
     engine = Engine(dirs)
     operations = Operations(Tree(engine))
     try:
@@ -111,7 +146,7 @@ def mount(dirs: Dirs, mountpoint: Path, *, foreground: bool = False,
             from None
     if not foreground:
         # No thread may run before the fork: the engine starts its QMP thread lazily.
-        _daemonize(dirs.run / "mount.log")
+        _daemonize(log)
     faulthandler.enable()
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     logger.info("snapfs mounted on %s (pid %d)", mountpoint, os.getpid())
@@ -141,6 +176,9 @@ async def _serve(engine: Engine, mountpoint: str) -> None:
 async def _serve_tree(engine: Engine, mountpoint: str) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(_stop_on_signal, mountpoint)
+        # A long-lived reader: the catalog follows the domains' changes with
+        # inotify instead of checking its caches on every request.
+        await nursery.start(engine.catalog.watch)
         # Operations a killed snapfs process left half done are settled before
         # anyone can see their traces in the tree.
         for name in engine.domain_names():
