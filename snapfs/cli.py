@@ -64,7 +64,7 @@ def _json(value: Any) -> None:
 async def cmd_domain(engine: Engine, args: argparse.Namespace) -> None:
     if args.verb == "define":
         dom = await engine.domain_define(Path(args.file), replace=args.replace)
-        print(f"domain {dom.name} {'redefined' if args.replace else 'defined'} (uuid {dom.uuid})")
+        print(f"domain {dom.name} defined (uuid {dom.uuid})")
     elif args.verb == "undefine":
         gone = await engine.domain_undefine(args.domain, with_snapshots=args.with_snapshots)
         print(f"domain {args.domain} undefined" + (f", with its {gone} VM snapshot(s)"

@@ -15,6 +15,7 @@ image files are the user's and stay.
 import logging
 import os
 import shutil
+import subprocess
 import uuid as uuidlib
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -33,9 +34,8 @@ from .config import (
     parse_domain,
     random_mac,
 )
-from .errors import AlreadyExists, ConfigError, NotFound, StateError
+from .errors import AlreadyExists, ConfigError, NotFound, QemuError, StateError
 from .files import atomic_write, make_dirs, read_text_nofollow
-from .images import run_tool
 from .operation import DeleteStep, Operation, OpName
 from .qemu import OVMF_VARS, boot_files
 from .store import UNDO, UNDO_NEXT
@@ -97,19 +97,25 @@ def _complete(dirs: Dirs, domain: DomainDef, old: DomainDef | None, source: Path
     return replace(domain, uuid=uuid, nics=tuple(nics), disks=disks)
 
 
-async def _make_nvram(path: Path) -> bool:
+def _make_nvram(path: Path) -> bool:
     """Make a fresh NVRAM at ``path`` unless one is there; true if it was made."""
     if path.exists():
         return False
     if not OVMF_VARS.exists():
         raise ConfigError(f"firmware = \"uefi\" needs OVMF's variable store {OVMF_VARS} "
                           "(install Debian's ovmf package)")
-    await trio.to_thread.run_sync(make_dirs, path.parent, 0o700)
+    make_dirs(path.parent, 0o700)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.unlink(missing_ok=True)
     try:
-        await run_tool(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", "--",
-                        str(OVMF_VARS), str(tmp)], f"making the NVRAM {path}")
+        try:
+            made = subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2",
+                                   "--", str(OVMF_VARS), str(tmp)], capture_output=True,
+                                  text=True, check=False)
+        except FileNotFoundError:
+            raise QemuError("making the NVRAM: qemu-img is not installed") from None
+        if made.returncode != 0:
+            raise QemuError(f"making the NVRAM {path}: {made.stderr.strip() or made.returncode}")
         os.chmod(tmp, 0o600)    # UEFI variables can hold secrets
         try:
             os.link(tmp, path)  # never over one made meanwhile
@@ -120,14 +126,14 @@ async def _make_nvram(path: Path) -> bool:
     return True
 
 
-async def _install(dirs: Dirs, domain: DomainDef, old: DomainDef | None,
-                   source: Path) -> DomainDef:
-    domain = await trio.to_thread.run_sync(_complete, dirs, domain, old, source)
-    made = domain.nvram is not None and await _make_nvram(domain.nvram)
+def _install(dirs: Dirs, domain: DomainDef, old: DomainDef | None, source: Path) -> DomainDef:
+    """Complete ``domain``, make its NVRAM if it needs one, write its definition
+    (blocking: call from a thread)."""
+    domain = _complete(dirs, domain, old, source)
+    made = domain.nvram is not None and _make_nvram(domain.nvram)
     try:
-        await trio.to_thread.run_sync(make_dirs, dirs.domains, 0o755)
-        await trio.to_thread.run_sync(lambda: atomic_write(
-            definition_path(dirs, domain.name), domain.to_toml(), mode=0o644))
+        make_dirs(dirs.domains, 0o755)
+        atomic_write(definition_path(dirs, domain.name), domain.to_toml(), mode=0o644)
     except BaseException:
         if made and domain.nvram is not None:
             domain.nvram.unlink(missing_ok=True)
@@ -136,30 +142,34 @@ async def _install(dirs: Dirs, domain: DomainDef, old: DomainDef | None,
 
 
 def define_domain(dirs: Dirs, source: Path) -> DomainDef:
-    """``define`` of a new domain, for callers outside trio."""
-    return trio.run(define, dirs, source, False, None)
+    """Install the definition of a new domain (blocking: call from a thread).
+
+    :raise AlreadyExists: when a domain of that name is defined.
+    """
+    domain = _read(source)
+    path = definition_path(dirs, domain.name)
+    if os.path.lexists(path):
+        raise AlreadyExists(f"a domain named {domain.name!r} is already defined ({path}); "
+                            "`domain define --replace` replaces its definition")
+    return _install(dirs, domain, None, source)
 
 
 async def define(dirs: Dirs, source: Path, replacing: bool,
-                 operation: OperationFactory | None) -> DomainDef:
-    """Install the definition in ``source``; a defined domain of that name only if
-    ``replacing`` (then under the domain's lock, taken by ``operation``).
+                 operation: OperationFactory) -> DomainDef:
+    """Install the definition in ``source``; over a defined domain of that name only
+    if ``replacing``, under the domain's lock (taken by ``operation``).
 
     :raise AlreadyExists: when the domain is defined and not ``replacing``.
     :raise StateError: when replacing a domain that runs.
     """
     domain = await trio.to_thread.run_sync(_read, source)
-    path = definition_path(dirs, domain.name)
-    if not os.path.lexists(path):
-        return await _install(dirs, domain, None, source)
-    if not replacing or operation is None:
-        raise AlreadyExists(f"a domain named {domain.name!r} is already defined ({path}); "
-                            "`domain define --replace` replaces its definition")
+    if not (replacing and os.path.lexists(definition_path(dirs, domain.name))):
+        return await trio.to_thread.run_sync(define_domain, dirs, source)
     async with operation(domain.name, OpName.DOMAIN_DEFINE) as op:
         if op.vm.running:
             raise StateError(f"domain {domain.name!r} is running: stop it to replace its "
                              "definition; the definition was left as it was")
-        return await _install(dirs, domain, op.vm.definition, source)
+        return await trio.to_thread.run_sync(_install, dirs, domain, op.vm.definition, source)
 
 
 async def undefine(op: Operation, with_snapshots: bool) -> int:

@@ -267,7 +267,7 @@ def test_replace_keeps_uuid_and_macs_and_refuses_a_running_domain(env: Env) -> N
 
     source.write_text(source.read_text().replace('memory = "32M"', 'memory = "48M"'))
     out = env.snapfs("domain", "define", "--replace", str(source)).stdout
-    assert out.strip() == f"domain rp redefined (uuid {first['uuid']})"
+    assert out.strip() == f"domain rp defined (uuid {first['uuid']})"
     second = tomllib.loads(installed.read_text())
     assert second["memory"] == "48M" and second["uuid"] == first["uuid"]
     assert [nic["mac"] for nic in second["nics"]] == macs
