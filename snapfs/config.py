@@ -161,7 +161,7 @@ class DomainDef:
 
     @property
     def nvram(self) -> Path | None:
-        """The UEFI NVRAM's image ("" until `domain define` made it: None)."""
+        """The UEFI NVRAM's image: None with BIOS, or before `domain define` made it."""
         return next((d.file for d in self.disks if d.bus == NVRAM_BUS), None)
 
     @property

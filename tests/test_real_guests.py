@@ -360,3 +360,31 @@ def test_kernel_boot_gives_no_disk_a_bootindex(env: Env) -> None:
     assert not any("bootindex" in arg for arg in cmd)
     assert cmd[cmd.index("-kernel") + 1] == str(kernel)
     assert cmd[cmd.index("-append") + 1] == "a,b c"
+
+
+def test_a_written_definition_reads_back_the_same() -> None:
+    from snapfs.config import parse_domain
+
+    text = """name = "all"
+uuid = "5c84adcc-0000-4000-8000-000000000001"
+memory = "1G"
+firmware = "uefi"
+nvram = "/var/lib/snapfs/nvram/x.qcow2"
+kernel = "/boot/vmlinuz"
+initrd = "/boot/initrd.img"
+cmdline = "console=ttyS0 \\"quoted\\""
+[[disks]]
+dev = "vda"
+file = "/images/a.qcow2"
+[[nics]]
+net = "bridge:br0"
+mac = "52:54:00:AB:CD:EF"
+[[nics]]
+model = "e1000"
+net = "tap:tap7"
+mac = "52:54:00:00:00:01"
+"""
+    dom = parse_domain(text)
+    assert [d.dev for d in dom.disks] == ["vda", "nvram"]
+    assert dom.nics[0].mac == "52:54:00:ab:cd:ef" and dom.cmdline == 'console=ttyS0 "quoted"'
+    assert parse_domain(dom.to_toml()) == dom
