@@ -38,7 +38,7 @@ from .errors import AlreadyExists, ConfigError, NotFound, QemuError, StateError
 from .files import atomic_write, make_dirs, read_text_nofollow
 from .operation import DeleteStep, Operation, OpName
 from .qemu import OVMF_VARS, boot_files
-from .store import UNDO, UNDO_NEXT
+from .store import UNDO, UNDO_NEXT, Store, VmSnapshot
 
 __all__ = ["define", "define_domain", "undefine", "nvram_path"]
 
@@ -189,19 +189,30 @@ async def undefine(op: Operation, with_snapshots: bool) -> int:
         raise StateError(f"domain {vm.name!r} has {len(names)} VM snapshot"
                          f"{'s' if len(names) > 1 else ''} ({shown}): `domain undefine "
                          "--with-snapshots` deletes them too; nothing was removed")
-    tags = {name: await vm.stored_tag(name) or name for name in names}
-    for tag in tags.values():
-        vm.refuse_viewed(tag)
-    for name, tag in tags.items():
-        # Journaled as a delete of its own: a killed process's successor finishes it.
-        op.journal.begin(OpName.VM_SNAPSHOT_DELETE.value, snapshot=name, tag=tag, parent="")
+    snaps = [await trio.to_thread.run_sync(_read_snapshot, store, name) for name in names]
+    for snap in snaps:
+        vm.refuse_viewed(snap.disk_tag)
+    for snap in snaps:
+        # Each is a vm-snapshot-delete of its own, journaled as one: a killed process's
+        # successor finishes it, and the snapshots left keep a true lineage.
+        op.journal.begin(OpName.VM_SNAPSHOT_DELETE.value, snapshot=snap.name,
+                         tag=snap.disk_tag, parent=snap.parent)
+        op.journal.step(DeleteStep.REPARENT.value)
+        await trio.to_thread.run_sync(store.reparent, snap.name, snap.parent)
         op.journal.step(DeleteStep.FORGET.value)
-        await vm.forget(name, tag)
+        await vm.forget(snap.name, snap.disk_tag)
         op.journal.end()
     # The definition goes first: from then on the domain is gone for every process,
     # and what is left to remove is only its files.
     await trio.to_thread.run_sync(_remove, vm.dirs, vm.definition, store.dir)
     return len([n for n in names if n not in (UNDO, UNDO_NEXT)])
+
+
+def _read_snapshot(store: Store, name: str) -> VmSnapshot:
+    try:
+        return store.read(name)
+    except ConfigError as err:     # damaged: whatever is left of it goes
+        return store.damaged(name, str(err))
 
 
 def _remove(dirs: Dirs, definition: DomainDef, store_dir: Path) -> None:
