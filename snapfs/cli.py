@@ -63,8 +63,12 @@ def _json(value: Any) -> None:
 
 async def cmd_domain(engine: Engine, args: argparse.Namespace) -> None:
     if args.verb == "define":
-        dom = engine.domain_define(Path(args.file))
+        dom = await engine.domain_define(Path(args.file), replace=args.replace)
         print(f"domain {dom.name} defined (uuid {dom.uuid})")
+    elif args.verb == "undefine":
+        gone = await engine.domain_undefine(args.domain, with_snapshots=args.with_snapshots)
+        print(f"domain {args.domain} undefined" + (f", with its {gone} VM snapshot(s)"
+                                                  if gone else ""))
     elif args.verb == "start":
         await engine.domain_start(args.domain, paused=args.paused)
         print(f"domain {args.domain} started{' paused' if args.paused else ''}")
@@ -215,6 +219,12 @@ def _parser() -> argparse.ArgumentParser:
     dsub = dom.add_subparsers(dest="verb", required=True, metavar="VERB")
     p = dsub.add_parser("define", help="install a TOML definition")
     p.add_argument("file")
+    p.add_argument("--replace", action="store_true",
+                   help="replace a shut-off domain's definition (keeps its uuid, NVRAM, MACs)")
+    p = dsub.add_parser("undefine", help="remove a shut-off domain's definition and NVRAM")
+    p.add_argument("domain")
+    p.add_argument("--with-snapshots", action="store_true",
+                   help="delete its VM snapshots too (the disk images stay)")
     p = dsub.add_parser("start", help="start a domain's QEMU")
     p.add_argument("domain")
     p.add_argument("--paused", action="store_true", help="start with vCPUs stopped")

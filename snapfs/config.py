@@ -12,25 +12,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import AlreadyExists, ConfigError, InvalidName, NameTooLong, NotFound
-from .files import atomic_write, make_dirs, read_text_nofollow
+from .errors import ConfigError, InvalidName, NameTooLong, NotFound
+from .files import make_dirs, read_text_nofollow
 
 __all__ = [
-    "Dirs", "RunPaths", "Disk", "DomainDef", "parse_domain", "load_domain", "list_domains",
-    "define_domain", "check_snapshot_name", "check_domain_name", "parse_size",
+    "Dirs", "RunPaths", "Disk", "Nic", "DomainDef", "parse_domain", "load_domain",
+    "list_domains", "definition_path", "check_snapshot_name", "check_domain_name", "parse_size",
+    "random_mac", "NVRAM_DEV",
 ]
 
 DOMAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 DEV_NAME = re.compile(r"[a-z][a-z0-9]{0,15}")
 BUSES = ("virtio", "ide", "scsi")
 ACCELS = ("kvm", "tcg")
+FIRMWARES = ("bios", "uefi")
+NVRAM_DEV = "nvram"         # the dev name of a UEFI domain's NVRAM; no disk may take it
+NVRAM_BUS = "pflash"
+MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+NIC_MODEL = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+MAX_NICS = 8
 MAX_NAME_BYTES = 64
 MAX_MEMORY_MIB = 1 << 20
 MAX_CPUS = 256
 MAX_DISKS = 16
 _KEYS = {"name", "uuid", "memory", "cpus", "accel", "machine", "extra_args", "disks",
-         "keep_undo"}
+         "keep_undo", "firmware", "nvram", "kernel", "initrd", "cmdline", "nics"}
 _DISK_KEYS = {"dev", "file", "bus"}
+_NIC_KEYS = {"model", "net", "mac"}
 
 
 @dataclass(frozen=True)
@@ -108,16 +117,32 @@ class RunPaths:
         self.state = run / f"{name}.state"
         self.checked = run / f"{name}.checked"
 
+    def records(self) -> tuple[Path, ...]:
+        """What a domain leaves in the run dir once its QEMU is gone (an undefine
+        removes them; the lock stays, as another process may be waiting on it)."""
+        return (self.qmp, self.pid, self.log, self.op, self.error, self.state, self.checked)
+
 
 @dataclass(frozen=True)
 class Disk:
     dev: str
     file: Path
-    bus: str = "virtio"
+    bus: str = "virtio"         # or "pflash": the UEFI NVRAM
+
+
+@dataclass(frozen=True)
+class Nic:
+    net: str                    # "user", "tap:<ifname>" or "bridge:<bridge>"
+    mac: str                    # "" until `domain define` writes one
+    model: str = "virtio-net-pci"
 
 
 @dataclass(frozen=True)
 class DomainDef:
+    """A validated definition. ``disks`` is every image snapfs snapshots together:
+    the ``[[disks]]``, then, with UEFI firmware, the NVRAM (dev ``nvram``), so that
+    every transaction, apply, delete and listing takes it along."""
+
     name: str
     uuid: str
     memory_mib: int
@@ -128,6 +153,21 @@ class DomainDef:
     extra_args: tuple[str, ...] = field(default_factory=tuple)
     memory: str = ""
     keep_undo: bool = True      # false: an apply keeps no .undo
+    firmware: str = "bios"
+    kernel: Path | None = None
+    initrd: Path | None = None
+    cmdline: str | None = None
+    nics: tuple[Nic, ...] = field(default_factory=tuple)
+
+    @property
+    def nvram(self) -> Path | None:
+        """The UEFI NVRAM's image: None with BIOS, or before `domain define` made it."""
+        return next((d.file for d in self.disks if d.bus == NVRAM_BUS), None)
+
+    @property
+    def user_disks(self) -> tuple[Disk, ...]:
+        """The ``[[disks]]`` of the definition file."""
+        return tuple(d for d in self.disks if d.bus != NVRAM_BUS)
 
     def to_toml(self) -> str:
         q = _toml_string
@@ -142,11 +182,23 @@ class DomainDef:
             lines.append(f"machine = {q(self.machine)}")
         if not self.keep_undo:
             lines.append("keep_undo = false")
+        if self.firmware != "bios":
+            lines.append(f"firmware = {q(self.firmware)}")
+        if self.nvram is not None:
+            lines.append(f"nvram = {q(str(self.nvram))}")
+        for key in ("kernel", "initrd", "cmdline"):
+            value = getattr(self, key)
+            if value is not None:
+                lines.append(f"{key} = {q(str(value))}")
         if self.extra_args:
             lines.append(f"extra_args = [{', '.join(q(a) for a in self.extra_args)}]")
-        for disk in self.disks:
+        for disk in self.user_disks:
             lines += ["", "[[disks]]", f"dev = {q(disk.dev)}", f"file = {q(str(disk.file))}",
                       f"bus = {q(disk.bus)}"]
+        for nic in self.nics:
+            lines += ["", "[[nics]]", f"model = {q(nic.model)}", f"net = {q(nic.net)}"]
+            if nic.mac:
+                lines.append(f"mac = {q(nic.mac)}")
         return "\n".join(lines) + "\n"
 
 
@@ -224,14 +276,52 @@ def _parse_disk(table: Any, index: int, source: str) -> Disk:
     if not DEV_NAME.fullmatch(dev):
         raise ConfigError(f"{where}: 'dev' = {dev!r} must be 1-16 of a-z 0-9 "
                           "starting with a letter")
-    file = _get(table, "file", str, where, required=True)
-    path = Path(file)
-    if not path.is_absolute() or ".." in path.parts or "\0" in file or len(file) > 4096:
-        raise ConfigError(f"{where}: 'file' = {file!r} must be an absolute path without '..'")
+    if dev == NVRAM_DEV:
+        raise ConfigError(f"{where}: 'dev' = {dev!r} is the UEFI NVRAM's name; choose another")
+    path = _path(table, "file", where, required=True)
+    assert path is not None
     bus = _get(table, "bus", str, where, default="virtio")
     if bus not in BUSES:
         raise ConfigError(f"{where}: 'bus' = {bus!r} must be one of {', '.join(BUSES)}")
     return Disk(dev=dev, file=path, bus=bus)
+
+
+def _path(table: dict[str, Any], key: str, where: str, required: bool = False) -> Path | None:
+    value = _get(table, key, str, where, required=required)
+    if value is None:
+        return None
+    path = Path(value)
+    if not path.is_absolute() or ".." in path.parts or "\0" in value or len(value) > 4096:
+        raise ConfigError(f"{where}: '{key}' = {value!r} must be an absolute path without '..'")
+    return path
+
+
+def _parse_nic(table: Any, index: int, source: str) -> Nic:
+    where = f"{source}: nics[{index}]"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table with model, net and mac")
+    unknown = set(table) - _NIC_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown key '{sorted(unknown)[0]}'")
+    model = _get(table, "model", str, where, default="virtio-net-pci")
+    if not NIC_MODEL.fullmatch(model):
+        raise ConfigError(f"{where}: 'model' = {model!r} is not a QEMU device name")
+    net = _get(table, "net", str, where, default="user")
+    kind, colon, arg = net.partition(":")
+    if not ((kind == "user" and not colon)
+            or (kind in ("tap", "bridge") and IFNAME.fullmatch(arg))):
+        raise ConfigError(f"{where}: 'net' = {net!r} must be \"user\", \"tap:<ifname>\" or "
+                          "\"bridge:<bridge>\" (interface names: 1-15 of A-Z a-z 0-9 _ . -)")
+    mac = _get(table, "mac", str, where, default="").lower()
+    if mac and (not MAC.fullmatch(mac) or int(mac[:2], 16) & 1):
+        raise ConfigError(f"{where}: 'mac' = {mac!r} must be a unicast MAC like "
+                          "\"52:54:00:12:34:56\"")
+    return Nic(net=net, mac=mac, model=model)
+
+
+def random_mac() -> str:
+    """A MAC in QEMU's locally administered range 52:54:00:xx:xx:xx."""
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in os.urandom(3))
 
 
 def parse_domain(text: str, source: str = "definition") -> DomainDef:
@@ -278,10 +368,34 @@ def parse_domain(text: str, source: str = "definition") -> DomainDef:
     if len(set(devs)) != len(devs):
         raise ConfigError(f"{source}: 'disks': two disks share the dev name "
                           f"{next(d for d in devs if devs.count(d) > 1)!r}")
+    firmware = _get(table, "firmware", str, source, default="bios")
+    if firmware not in FIRMWARES:
+        raise ConfigError(f"{source}: 'firmware' = {firmware!r} must be \"bios\" or \"uefi\"")
+    nvram = _path(table, "nvram", source)
+    if nvram is not None:
+        if firmware != "uefi":
+            raise ConfigError(f"{source}: 'nvram' is only for firmware = \"uefi\"")
+        disks += (Disk(dev=NVRAM_DEV, file=nvram, bus=NVRAM_BUS),)
+    kernel, initrd = _path(table, "kernel", source), _path(table, "initrd", source)
+    cmdline = _get(table, "cmdline", str, source)
+    if kernel is None and (initrd is not None or cmdline is not None):
+        raise ConfigError(f"{source}: 'initrd' and 'cmdline' need a 'kernel'")
+    if cmdline is not None and ("\0" in cmdline or len(cmdline) > 4096):
+        raise ConfigError(f"{source}: 'cmdline' must be a string of at most 4096 characters")
+    nics_raw = _get(table, "nics", list, source, default=[])
+    if len(nics_raw) > MAX_NICS:
+        raise ConfigError(f"{source}: 'nics' may list up to {MAX_NICS} NICs")
+    nics = tuple(_parse_nic(n, i, source) for i, n in enumerate(nics_raw))
+    macs = [n.mac for n in nics if n.mac]
+    if len(set(macs)) != len(macs):
+        raise ConfigError(f"{source}: 'nics': two NICs share the MAC "
+                          f"{next(m for m in macs if macs.count(m) > 1)}")
     return DomainDef(name=name, uuid=uuid, memory_mib=_memory(memory, source), cpus=cpus,
                      accel=accel, disks=disks, machine=machine, extra_args=tuple(extra),
                      keep_undo=keep_undo,
-                     memory=str(memory) if isinstance(memory, str) else f"{memory}M")
+                     memory=str(memory) if isinstance(memory, str) else f"{memory}M",
+                     firmware=firmware, kernel=kernel, initrd=initrd, cmdline=cmdline,
+                     nics=nics)
 
 
 def _memory(value: Any, source: str) -> int:
@@ -291,13 +405,13 @@ def _memory(value: Any, source: str) -> int:
         raise ConfigError(f"{source}: {err}") from None
 
 
-def _definition_path(dirs: Dirs, name: str) -> Path:
+def definition_path(dirs: Dirs, name: str) -> Path:
     return dirs.domains / f"{check_domain_name(name)}.toml"
 
 
 def load_domain(dirs: Dirs, name: str) -> DomainDef:
     """:raise NotFound: when no definition has that name."""
-    path = _definition_path(dirs, name)
+    path = definition_path(dirs, name)
     try:
         text = read_text_nofollow(path)
     except FileNotFoundError:
@@ -307,8 +421,12 @@ def load_domain(dirs: Dirs, name: str) -> DomainDef:
     domain = parse_domain(text, str(path))
     if domain.name != name:
         raise ConfigError(f"{path}: 'name' = {domain.name!r} does not match the file name")
-    if not domain.uuid:
-        raise ConfigError(f"{path}: missing 'uuid' (define domains with `snapfs domain define`)")
+    missing = ("uuid" if not domain.uuid else
+               "nvram" if domain.firmware == "uefi" and domain.nvram is None else
+               "mac" if any(not nic.mac for nic in domain.nics) else "")
+    if missing:
+        raise ConfigError(f"{path}: missing '{missing}' (define domains with "
+                          "`snapfs domain define`)")
     return domain
 
 
@@ -318,28 +436,3 @@ def list_domains(dirs: Dirs) -> list[str]:
     except OSError:
         return []
     return sorted(n for n in names if DOMAIN_NAME.fullmatch(n))
-
-
-def define_domain(dirs: Dirs, source: Path) -> DomainDef:
-    """Validate ``source`` and install it under the config dir, adding a uuid if absent.
-
-    :raise AlreadyExists: when another definition already has that name.
-    """
-    try:
-        text = read_text_nofollow(source)
-    except FileNotFoundError:
-        raise NotFound(f"definition file {source} does not exist") from None
-    except (OSError, ValueError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{source}: cannot read: {err}") from None
-    domain = parse_domain(text, str(source))
-    for disk in domain.disks:
-        if not disk.file.exists():
-            raise ConfigError(f"{source}: disk {disk.dev}: file {disk.file} does not exist")
-    path = _definition_path(dirs, domain.name)
-    if path.exists() or path.is_symlink():
-        raise AlreadyExists(f"a domain named {domain.name!r} is already defined ({path})")
-    if not domain.uuid:
-        domain = DomainDef(**{**domain.__dict__, "uuid": str(uuidlib.uuid4())})
-    make_dirs(dirs.domains, 0o755)
-    atomic_write(path, domain.to_toml(), mode=0o644)
-    return domain

@@ -18,9 +18,9 @@ from pathlib import Path
 import trio
 
 from . import apply as applying
-from . import qemu
+from . import domains, qemu
 from .catalog import Catalog
-from .config import DOMAIN_NAME, Dirs, DomainDef, check_snapshot_name, define_domain, list_domains
+from .config import DOMAIN_NAME, Dirs, DomainDef, check_snapshot_name, list_domains
 from .diskview import DiskView, DiskViews
 from .errors import AlreadyExists, Busy, ConfigError, NotFound, StateError
 from .images import DiskSnapshot, DiskTable
@@ -101,8 +101,12 @@ class Engine:
 
     # -- domains --------------------------------------------------------------
 
-    def domain_define(self, source: Path) -> DomainDef:
-        return define_domain(self.dirs, source)
+    async def domain_define(self, source: Path, replace: bool = False) -> DomainDef:
+        return await domains.define(self.dirs, source, replace, self._operation)
+
+    async def domain_undefine(self, name: str, with_snapshots: bool = False) -> int:
+        async with self._operation(name, OpName.DOMAIN_UNDEFINE) as op:
+            return await domains.undefine(op, with_snapshots)
 
     def domain_names(self) -> list[str]:
         return list_domains(self.dirs)
@@ -123,11 +127,8 @@ class Engine:
             return clean
 
     async def domain_status(self, name: str) -> DomainStatus:
-        """The domain's run state, current snapshot, operation in progress and last error.
-
-        Does not wait for a running operation: while one holds the monitor, the
-        state is the one that operation last recorded.
-        """
+        """The domain's run state, current snapshot, operation in progress and last error;
+        while an operation holds the monitor, the state it last recorded (no wait)."""
         vm = Vm(self.dirs, self.domain(name))
         await self.recover(name)
         op = self.progress(name)
@@ -180,7 +181,6 @@ class Engine:
             op.begin(tag=tag)
             op.step(DiskDeleteStep.DELETE)
             await op.vm.delete_disk_tag(tag)
-
 
     # -- VM snapshots -------------------------------------------------------------
 

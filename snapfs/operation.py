@@ -43,6 +43,8 @@ LOCK_POLL = 0.02
 class OpName(enum.StrEnum):
     DOMAIN_START = "domain-start"
     DOMAIN_STOP = "domain-stop"
+    DOMAIN_DEFINE = "domain-define"         # --replace of a defined domain
+    DOMAIN_UNDEFINE = "domain-undefine"
     VM_SNAPSHOT_CREATE = "vm-snapshot-create"
     VM_SNAPSHOT_DELETE = "vm-snapshot-delete"
     VM_SNAPSHOT_APPLY = "vm-snapshot-apply"

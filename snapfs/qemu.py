@@ -14,13 +14,13 @@ from typing import Any
 import trio
 
 from . import procfs, qmp
-from .config import DomainDef, RunPaths
+from .config import NVRAM_DEV, DomainDef, RunPaths
 from .errors import AlreadyExists, ConfigError, NotFound, QemuError, StateError
 from .files import make_dirs
 from .images import qemu_opt, run_tool
 
 __all__ = ["qemu_command", "running_pid", "start", "quit", "powerdown", "kvm_device",
-           "last_words", "QEMU", "QMP_TIMEOUT"]
+           "last_words", "QEMU", "QMP_TIMEOUT", "OVMF_CODE", "OVMF_VARS", "boot_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +28,11 @@ QEMU = "qemu-system-x86_64"
 # How long QEMU may take to answer QMP or to exit after ``quit``.
 QMP_TIMEOUT = 30.0
 _BUS_DEVICE = {"virtio": "virtio-blk-pci", "ide": "ide-hd", "scsi": "scsi-hd"}
+# Debian's OVMF (package ovmf): the firmware, read-only, and the variable store
+# each UEFI domain's NVRAM starts as a copy of.
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+_FIRMWARE_NODE = "ovmf-code"
 
 
 def kvm_device() -> Path:
@@ -39,6 +44,8 @@ def qemu_command(dom: DomainDef, paths: RunPaths, formats: dict[str, str], *,
                  paused: bool = False, incoming: bool = False) -> list[str]:
     """The QEMU command line of ``dom``; ``formats`` maps each dev to its image format."""
     machine = f"{dom.machine},accel={dom.accel}" if dom.machine else f"accel={dom.accel}"
+    if dom.firmware == "uefi":
+        machine += f",pflash0={_FIRMWARE_NODE},pflash1={NVRAM_DEV}"
     cmd = [
         QEMU, "-name", f"guest={dom.name},process=snapfs:{dom.name}", "-uuid", dom.uuid,
         "-machine", machine, "-m", f"{dom.memory_mib}M", "-smp", str(dom.cpus),
@@ -46,24 +53,53 @@ def qemu_command(dom: DomainDef, paths: RunPaths, formats: dict[str, str], *,
         "-daemonize", "-pidfile", str(paths.pid), "-D", str(paths.log),
         "-qmp", f"unix:{qemu_opt(str(paths.qmp))},server=on,wait=off",
     ]
+    if dom.firmware == "uefi":
+        cmd += ["-blockdev", json.dumps({
+            "node-name": _FIRMWARE_NODE, "driver": "raw", "read-only": True,
+            "file": {"driver": "file", "filename": str(OVMF_CODE), "read-only": True}})]
     if any(d.bus == "scsi" for d in dom.disks):
         cmd += ["-device", "virtio-scsi-pci,id=scsi0"]
     for index, disk in enumerate(dom.disks):
         node: dict[str, Any] = {"node-name": disk.dev, "driver": formats[disk.dev],
                                 "file": {"driver": "file", "filename": str(disk.file)}}
+        cmd += ["-blockdev", json.dumps(node)]
+        if disk.bus not in _BUS_DEVICE:
+            continue    # the NVRAM: a flash chip of the machine, named above
         device: dict[str, Any] = {"driver": _BUS_DEVICE[disk.bus], "drive": disk.dev,
                                   "id": disk.dev}
         if disk.bus == "scsi":
             device["bus"] = "scsi0.0"
-        if index == 0:
+        if index == 0 and dom.kernel is None:
             # SeaBIOS tries only the first hard disk it finds, and that need not be ours.
+            # A kernel given to QEMU boots first, and takes bootindex 0 itself.
             device["bootindex"] = 0
-        cmd += ["-blockdev", json.dumps(node), "-device", json.dumps(device)]
+        cmd += ["-device", json.dumps(device)]
+    for index, nic in enumerate(dom.nics):
+        netdev = f"net{index}"
+        kind, _, arg = nic.net.partition(":")
+        backend = {"user": "user", "tap": f"tap,ifname={qemu_opt(arg)},script=no,downscript=no",
+                   "bridge": f"bridge,br={qemu_opt(arg)}"}[kind]
+        cmd += ["-netdev", f"{backend},id={netdev}", "-device", json.dumps(
+            {"driver": nic.model, "netdev": netdev, "mac": nic.mac, "id": netdev})]
+    if dom.kernel is not None:
+        cmd += ["-kernel", str(dom.kernel)]
+        if dom.initrd is not None:
+            cmd += ["-initrd", str(dom.initrd)]
+        if dom.cmdline is not None:
+            cmd += ["-append", dom.cmdline]
     if paused or incoming:
         cmd.append("-S")
     if incoming:
         cmd += ["-incoming", "defer"]
     return cmd + list(dom.extra_args)
+
+
+def boot_files(dom: DomainDef) -> list[tuple[str, Path]]:
+    """The files besides the disks QEMU needs to boot ``dom``, each with its key."""
+    files = [("kernel", dom.kernel), ("initrd", dom.initrd)]
+    if dom.firmware == "uefi":
+        files.append(("firmware", OVMF_CODE))
+    return [(key, path) for key, path in files if path is not None]
 
 
 def last_words(paths: RunPaths) -> str:
@@ -104,6 +140,10 @@ async def start(paths: RunPaths, dom: DomainDef, formats: dict[str, str], *,
     for disk in dom.disks:
         if not disk.file.exists():
             raise NotFound(f"domain {dom.name!r}: disk {disk.dev} file {disk.file} does not exist")
+    for key, path in boot_files(dom):
+        if not path.exists():
+            raise NotFound(f"domain {dom.name!r}: {key} {path} does not exist"
+                           + (" (install Debian's ovmf package)" if key == "firmware" else ""))
     make_dirs(paths.run, 0o700)
     for stale in (paths.qmp, paths.pid, paths.log):
         stale.unlink(missing_ok=True)

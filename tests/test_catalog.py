@@ -22,7 +22,8 @@ from trio.testing import wait_all_tasks_blocked
 from snapfs import catalog as catalog_module
 from snapfs import watch
 from snapfs.catalog import Catalog
-from snapfs.config import Dirs, define_domain
+from snapfs.config import Dirs
+from snapfs.domains import define_domain
 from snapfs.errors import NotFound
 from snapfs.store import UNDO, Store, VmSnapshot
 from snapfs.watch import DomainWatch, Sources
