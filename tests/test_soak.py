@@ -6,7 +6,7 @@ and tools do at once, through ``os`` calls on the mount:
     cycler  (one per domain)  mkdir c-N, write apply (every third cycle apply
                               .undo as well), mkdir/rmdir a .disk tag, rmdir c-N
     reader  (READERS)         stream ``base/save`` or a disk view of ``base``
-                              (``base/disks/<dev>.raw``, ``.disk/base/<dev>.raw``)
+                              (``base/disks/<dev>.img``, ``.disk/base/<dev>.img``)
                               to its end; check its sha256
     walker  (WALKERS)         ``ls -lR``: os.walk the whole tree, lstat every
                               entry, read every small file and ``.current``
@@ -345,7 +345,7 @@ def assert_tree_agrees(tree: Tree) -> None:
             facts = json.loads((tree / dom / snap / "info.json").read_text())
             assert facts["disk_tag"] == tag
             assert sorted(s["dev"] for s in facts["disk_snapshots"]) == list(DEVS)
-            assert sorted(os.listdir(tree / dom / snap / "disks")) == [f"{d}.raw" for d in DEVS]
+            assert sorted(os.listdir(tree / dom / snap / "disks")) == [f"{d}.img" for d in DEVS]
         status = tree.status(dom)
         assert status["state"] == "running" and status["operation"] == "-", status
         assert status["last_error"] == "-", status
@@ -377,8 +377,8 @@ def test_soak(env: Env) -> None:
             for dev in DEVS:
                 view_sha = converted_sha256(env.images / f"{dom}-{dev}.qcow2", "base",
                                             env.root / "base.raw")
-                targets += [Target(tree / dom / f"base/disks/{dev}.raw", view_sha, "view"),
-                            Target(tree / dom / f".disk/base/{dev}.raw", view_sha, "view")]
+                targets += [Target(tree / dom / f"base/disks/{dev}.img", view_sha, "view"),
+                            Target(tree / dom / f".disk/base/{dev}.img", view_sha, "view")]
 
         # Warm-up: each kind of operation once, so that what the daemon keeps
         # for its whole life (QMP thread and loop, trio's threads) exists.

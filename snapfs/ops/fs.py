@@ -231,8 +231,10 @@ class Operations(pyfuse3.Operations):
         self._files[fh] = opened
         return pyfuse3.FileInfo(fh=fh, direct_io=opened.direct_io, keep_cache=opened.keep_cache)
 
+    # pyfuse3 replies with any object that has the buffer protocol: a view's
+    # bytearray goes out without a copy.
     @_handler
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:  # type: ignore[override]
         return await self._files[fh].reader.read(off, size)
 
     @_handler
