@@ -6,12 +6,12 @@ and tools do at once, through ``os`` calls on the mount:
     cycler  (one per domain)  mkdir c-N, write apply (every third cycle apply
                               .undo as well), mkdir/rmdir a .disk tag, rmdir c-N
     reader  (READERS)         stream ``base/save`` or a disk view of ``base``
-                              (``base/disks/<dev>.img``, ``.disk/base/<dev>.img``)
+                              (``base/disks/<dev>.img``, ``.disk/dbase/<dev>.img``)
                               to its end; check its sha256
     walker  (WALKERS)         ``ls -lR``: os.walk the whole tree, lstat every
                               entry, read every small file and ``.current``
 
-Readers read only ``base``, which no cycler removes: an rmdir of a snapshot
+Readers read only ``base`` and ``dbase``, which no cycler removes: an rmdir of a snapshot
 with an open file is EBUSY by design. A walker may meet a name a cycler has
 just removed (a ``c-N``, ``.undo``, a disk tag): ENOENT there is the race any
 ``ls -R`` runs into, counted as ``vanished``; every other failure is an error.
@@ -284,7 +284,7 @@ class Load:
             return False
         entry = parts[1]
         return (entry.startswith("c-") or entry in (".undo", ".current")
-                or (entry == ".disk" and len(parts) > 2 and parts[2] != "base"))
+                or (entry == ".disk" and len(parts) > 2 and parts[2] != "dbase"))
 
     def vanished(self, err: FileNotFoundError, path: Path) -> None:
         """Count an ENOENT on ``path`` that is no error of the tree's, or raise it."""
@@ -370,15 +370,17 @@ def test_soak(env: Env) -> None:
         targets = []
         for dom in DOMS:
             os.mkdir(tree / dom / "base")
+            os.mkdir(tree / dom / ".disk/dbase")
             xl = (tree / dom / "base/snapshotdata.xl").read_text()
             save_sha = re.search(r'^snapshot_save_sha256="(.*)"$', xl, re.MULTILINE)
             assert save_sha, xl
             targets.append(Target(tree / dom / "base/save", save_sha[1], "save"))
             for dev in DEVS:
-                view_sha = converted_sha256(env.images / f"{dom}-{dev}.qcow2", "base",
-                                            env.root / "base.raw")
+                view_sha, disk_sha = (converted_sha256(env.images / f"{dom}-{dev}.qcow2", tag,
+                                                       env.root / "base.raw")
+                                      for tag in ("base", "dbase"))
                 targets += [Target(tree / dom / f"base/disks/{dev}.img", view_sha, "view"),
-                            Target(tree / dom / f".disk/base/{dev}.img", view_sha, "view")]
+                            Target(tree / dom / f".disk/dbase/{dev}.img", disk_sha, "view")]
 
         # Warm-up: each kind of operation once, so that what the daemon keeps
         # for its whole life (QMP thread and loop, trio's threads) exists.

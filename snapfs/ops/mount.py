@@ -37,6 +37,10 @@ __all__ = ["mount", "notify"]
 logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+READ_AHEAD_KB = 1024
+"""The mount's read-ahead: sequential reads of save images and disk views reach
+the tree in requests this big (a FUSE mount starts at 128 KiB; the kernel
+lets libfuse's 1 MiB requests through once the window is as large)."""
 
 
 def notify(message: str) -> None:
@@ -81,23 +85,50 @@ def _check_mountpoint(mountpoint: Path) -> None:
                           "mount it elsewhere")
 
 
-def _snapfs_mount_above(path: Path) -> str:
-    """The snapfs tree ``path`` lies in, if any ("" otherwise)."""
-    target = os.path.realpath(path)
+def _snapfs_mounts() -> list[tuple[str, str]]:
+    """Every snapfs tree mounted here: (mount point, ``major:minor``), in mount order."""
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
             lines = f.read().splitlines()
     except OSError:
-        return ""
+        return []
+    mounts = []
     for line in lines:
         fields = line.split(" - ", 1)
         if len(fields) != 2 or not fields[1].startswith("fuse.snapfs "):
             continue
+        parts = fields[0].split()
         # mountinfo escapes spaces and the like as octal.
-        point = fields[0].split()[4].encode().decode("unicode_escape")
+        mounts.append((parts[4].encode().decode("unicode_escape"), parts[2]))
+    return mounts
+
+
+def _snapfs_mount_above(path: Path) -> str:
+    """The snapfs tree ``path`` lies in, if any ("" otherwise)."""
+    target = os.path.realpath(path)
+    for point, _ in _snapfs_mounts():
         if target == point or target.startswith(point.rstrip("/") + "/"):
             return point
     return ""
+
+
+def _mount_device(mountpoint: Path) -> str:
+    """The ``major:minor`` of the tree at ``mountpoint``, from mountinfo: a stat of
+    it would ask the tree, which does not serve requests yet."""
+    target = os.path.realpath(mountpoint)
+    devices = [device for point, device in _snapfs_mounts() if point == target]
+    return devices[-1] if devices else ""
+
+
+def _raise_read_ahead(mountpoint: Path) -> None:
+    device = _mount_device(mountpoint)
+    knob = Path(f"/sys/class/bdi/{device}/read_ahead_kb")
+    try:
+        if device and int(knob.read_text()) < READ_AHEAD_KB:
+            knob.write_text(f"{READ_AHEAD_KB}\n")
+    except (OSError, ValueError) as err:
+        # Only root may; reads still work, in smaller requests.
+        logger.info("cannot raise the read-ahead of %s (%s): %s", mountpoint, knob, err)
 
 
 def _open_log(log: Path) -> int:
@@ -144,6 +175,7 @@ def mount(dirs: Dirs, mountpoint: Path, *, foreground: bool = False,
     except RuntimeError as err:
         raise SnapfsError(f"cannot mount on {mountpoint}: {err} (see the fuse message above)") \
             from None
+    _raise_read_ahead(mountpoint)
     if not foreground:
         # No thread may run before the fork: the engine starts its QMP thread lazily.
         _daemonize(log)
