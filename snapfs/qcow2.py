@@ -368,8 +368,13 @@ class Layer(Source):
                     if run_len:
                         _pread(self.image.fd, buf[run_at:run_at + run_len], run_host, nowait)
                     run_at, run_host, run_len = pos - offset, host, length
-            elif not entry & ZERO_FLAG and self.image.backing is not None:
-                self.image.backing.read_into(buf[pos - offset:pos - offset + length], pos, nowait)
+            else:
+                if run_len:     # a run is contiguous in the disk as in the file
+                    _pread(self.image.fd, buf[run_at:run_at + run_len], run_host, nowait)
+                    run_len = 0
+                if not entry & ZERO_FLAG and self.image.backing is not None:
+                    self.image.backing.read_into(buf[pos - offset:pos - offset + length], pos,
+                                                 nowait)
             pos += length
         if run_len:
             _pread(self.image.fd, buf[run_at:run_at + run_len], run_host, nowait)

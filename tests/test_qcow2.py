@@ -126,7 +126,7 @@ def build(work: Path, cluster_bits: int, backing: bool, plan: list[Write]) -> tu
     return img, tags
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cluster_bits=st.sampled_from([12, 13, 16, 21]), backing=st.booleans(), plan=steps)
 def test_every_snapshot_reads_as_qemu_img_converts_it(cluster_bits: int, backing: bool,
                                                         plan: list[Write]) -> None:
