@@ -367,6 +367,7 @@ async def test_exported_and_idle_stop(views: DiskViews, run_dir: Path, image: Pa
     assert not exported(run_dir, image, "t1")
 
 
+@NBD_ONLY
 async def test_idle_server_not_reused_for_recreated_snapshot(
     views: DiskViews, image: Path, data: bytes
 ) -> None:
@@ -411,6 +412,7 @@ async def test_idle_zero_stops_at_once(run_dir: Path, image: Path) -> None:
         assert os.listdir(run_dir / "nbd") == []
 
 
+@NBD_ONLY
 async def test_server_outlives_idle_worker_threads(
     views: DiskViews, image: Path, data: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -435,6 +437,7 @@ async def test_server_outlives_idle_worker_threads(
     await views.close(view)
 
 
+@NBD_ONLY
 async def test_server_death_is_eio_then_reopen_recovers(
     views: DiskViews, image: Path, data: bytes
 ) -> None:
