@@ -9,6 +9,7 @@ test fails if snapfs logs an error it did not expect.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import stat
@@ -255,8 +256,9 @@ async def test_disk_snapshots_in_dot_disk(ops: Operations,
     # A VM snapshot's disk snapshot goes with the VM snapshot only.
     await mkdir(ops, DOM, "owned")
     try:
-        assert "owned" in await listdir(ops, f"{DOM}/.disk", monkeypatch)
-        await fails(errno.EBUSY, rmdir(ops, f"{DOM}/.disk", "owned"))
+        assert "owned" not in await listdir(ops, f"{DOM}/.disk", monkeypatch)
+        await fails(errno.ENOENT, rmdir(ops, f"{DOM}/.disk", "owned"))
+        assert "owned" in await listdir(ops, DOM, monkeypatch)
     finally:
         await rmdir(ops, DOM, "owned")
 
@@ -351,12 +353,25 @@ async def test_disk_views_show_the_disks_as_they_were(
     try:
         snap = await engine.snapshot(DOM, "old")
         listed = await listdir(ops, f"{DOM}/old/disks", monkeypatch)
-        assert list(listed) == ["vda.img", "vdb.img"]
-        for attr in listed.values():
+        assert list(listed) == ["vda.img", "vda.changes", "vdb.img", "vdb.changes"]
+        for dev in ("vda", "vdb"):
+            attr = listed[f"{dev}.img"]
             assert stat.S_ISREG(attr.st_mode) and stat.S_IMODE(attr.st_mode) == 0o400
             assert attr.st_size == 16 << 20
-            assert 0 < attr.st_blocks <= attr.st_size // 512
             assert attr.st_mtime_ns == snap.creation_time * 10**9
+            # What the snapshot references: the 64 KiB clusters holding its bytes.
+            raw = domains.images / f"old-{dev}.raw"
+            subprocess.run(["qemu-img", "convert", "-U", "-l", "snapshot.name=old", "-O", "raw",
+                            str(domains.images / f"{DOM}-{dev}.qcow2"), str(raw)], check=True)
+            data = raw.read_bytes()
+            raw.unlink()
+            used = [i for i in range(0, len(data), 64 << 10) if data[i:i + (64 << 10)].strip(b"\0")]
+            assert attr.st_blocks == len(used) * (64 << 10) // 512
+            changes = json.loads(await read_file(ops, f"{DOM}/old/disks/{dev}.changes"))
+            assert changes["parent"] == (snap.parent or None)
+            if snap.parent is None:
+                assert [r["start"] for r in changes["ranges"]] == used
+                assert {r["length"] for r in changes["ranges"]} == {64 << 10}
         old = await read_view(ops, f"{DOM}/old/disks/vda.img", (1 << 20) - 4096, 72 << 10)
         assert old == bytes(4096) + b"\x11" * (64 << 10) + bytes(4096)
         assert await read_view(ops, f"{DOM}/.disk/oldtag/vdb.img", 2 << 20, 64 << 10) == \

@@ -112,23 +112,18 @@ def _snapfs_mount_above(path: Path) -> str:
     return ""
 
 
-def _mount_device(mountpoint: Path) -> str:
-    """The ``major:minor`` of the tree at ``mountpoint``, from mountinfo: a stat of
-    it would ask the tree, which does not serve requests yet."""
-    target = os.path.realpath(mountpoint)
+def _raise_read_ahead(target: str) -> None:
+    """Raise the read-ahead of the tree mounted on ``target`` (a real path: resolving
+    one would stat the tree, which does not serve requests yet, and hang)."""
     devices = [device for point, device in _snapfs_mounts() if point == target]
-    return devices[-1] if devices else ""
-
-
-def _raise_read_ahead(mountpoint: Path) -> None:
-    device = _mount_device(mountpoint)
+    device = devices[-1] if devices else ""
     knob = Path(f"/sys/class/bdi/{device}/read_ahead_kb")
     try:
         if device and int(knob.read_text()) < READ_AHEAD_KB:
             knob.write_text(f"{READ_AHEAD_KB}\n")
     except (OSError, ValueError) as err:
         # Only root may; reads still work, in smaller requests.
-        logger.info("cannot raise the read-ahead of %s (%s): %s", mountpoint, knob, err)
+        logger.info("cannot raise the read-ahead of %s (%s): %s", target, knob, err)
 
 
 def _open_log(log: Path) -> int:
@@ -168,6 +163,7 @@ def mount(dirs: Dirs, mountpoint: Path, *, foreground: bool = False,
     _check_mountpoint(mountpoint)
     dirs.ensure()
     log = -1 if foreground else _open_log(dirs.mount_log)
+    target = os.path.realpath(mountpoint)
     engine = Engine(dirs)
     operations = Operations(Tree(engine))
     try:
@@ -175,7 +171,7 @@ def mount(dirs: Dirs, mountpoint: Path, *, foreground: bool = False,
     except RuntimeError as err:
         raise SnapfsError(f"cannot mount on {mountpoint}: {err} (see the fuse message above)") \
             from None
-    _raise_read_ahead(mountpoint)
+    _raise_read_ahead(target)
     if not foreground:
         # No thread may run before the fork: the engine starts its QMP thread lazily.
         _daemonize(log)
