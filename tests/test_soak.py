@@ -336,7 +336,9 @@ def assert_tree_agrees(tree: Tree) -> None:
         assert all(tags == on_disks["vda"] for tags in on_disks.values()), on_disks
         listed = set(os.listdir(tree / dom))
         assert listed - {".status", ".current", ".disk"} == set(infos), (dom, listed, infos)
-        assert set(os.listdir(tree / dom / ".disk")) == on_disks["vda"], (dom, on_disks)
+        # .disk holds the disk-only snapshots: the tags no VM snapshot (.undo too) owns.
+        assert set(os.listdir(tree / dom / ".disk")) == on_disks["vda"] - set(infos.values()), \
+            (dom, on_disks, infos)
         store = tree.store(dom)
         for snap, tag in infos.items():
             assert tag in on_disks["vda"], (dom, snap, tag, on_disks)
@@ -345,7 +347,8 @@ def assert_tree_agrees(tree: Tree) -> None:
             facts = json.loads((tree / dom / snap / "info.json").read_text())
             assert facts["disk_tag"] == tag
             assert sorted(s["dev"] for s in facts["disk_snapshots"]) == list(DEVS)
-            assert sorted(os.listdir(tree / dom / snap / "disks")) == [f"{d}.img" for d in DEVS]
+            assert sorted(os.listdir(tree / dom / snap / "disks")) == sorted(
+                f"{d}{suffix}" for d in DEVS for suffix in (".img", ".changes"))
         status = tree.status(dom)
         assert status["state"] == "running" and status["operation"] == "-", status
         assert status["last_error"] == "-", status
