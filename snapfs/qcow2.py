@@ -418,6 +418,33 @@ class Layer(Source):
         return any(self.token(c) for c in range(start >> self.bits,
                                                   (end + self.cluster_size - 1) >> self.bits))
 
+    def seek(self, offset: int, whence: int) -> int:
+        """``lseek`` with SEEK_DATA or SEEK_HOLE, by cluster: where the next cluster
+        that may hold data (or the next that reads as zeros) starts, at or after
+        ``offset``; the end of the disk is a hole. :raise OSError: ENXIO past the
+        end, or with no data after ``offset``."""
+        if not 0 <= offset < self.size:
+            raise OSError(_errno.ENXIO, "past the end of the disk")
+        want_data = whence == os.SEEK_DATA
+        per_table_bits = self.bits - 3
+        backing = self.image.backing is not None
+        cluster, end = offset >> self.bits, self.clusters
+        while cluster < end:
+            index = cluster >> per_table_bits
+            if not backing and (index >= len(self.l1) or not self.l1[index]):
+                if not want_data:   # a whole table of unallocated clusters: zeros
+                    break
+                cluster = (index + 1) << per_table_bits
+                continue
+            if bool(self.token(cluster)) == want_data:
+                break
+            cluster += 1
+        if cluster >= end:
+            if want_data:
+                raise OSError(_errno.ENXIO, "no data after this offset")
+            return self.size
+        return max(offset, cluster << self.bits)
+
     def data_clusters(self) -> Iterator[int]:
         """The clusters that may read anything but zeros, in order."""
         per_table = 1 << (self.bits - 3)

@@ -187,6 +187,20 @@ class LocalView:
             raise DiskViewError(f"bad read: offset {offset}, size {size}", _errno.EINVAL)
         return await self._local.read(offset, size)
 
+    async def seek(self, offset: int, whence: int) -> int:
+        """``lseek`` with SEEK_DATA or SEEK_HOLE, from the snapshot's allocation (by
+        cluster). :raise DiskViewError: ENXIO past the end or after the last data."""
+        layer = self._local.layer
+        if self._closed or layer is None:
+            raise DiskViewError(f"view of {self.tag!r} of {self.image} is closed", _errno.EBADF)
+        try:
+            return await trio.to_thread.run_sync(layer.seek, offset, whence)
+        except OSError as err:
+            raise DiskViewError(str(err.strerror), err.errno or _errno.EIO) from None
+        except qcow2.Qcow2Error as err:
+            raise DiskViewError(f"reading snapshot {self.tag!r} of {self.image}: {err}") \
+                from None
+
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True

@@ -245,6 +245,11 @@ class Operations(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:  # type: ignore[override]
         return await self._files[fh].reader.read(off, size)
 
+    # Called by a pyfuse3 built with contrib/pyfuse3-lseek.patch (scripts/setup).
+    @_handler
+    async def lseek(self, inode: int, fh: int, off: int, whence: int, ctx: Any = None) -> int:
+        return await self.tree.lseek(self._files[fh], off, whence)
+
     @_handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         return await self.tree.write(self._files[fh], buf)
