@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 
+import pyfuse3
 import pytest
 from conftest import Env
 from qmpsync import QMP, qemu_io
@@ -297,6 +298,53 @@ def test_a_shut_off_snapshot_has_disk_views(vt: Tree, tmp_path: Path) -> None:
             assert f.read(MiB) == b"\x61" * MiB
     finally:
         sh(f"rmdir {vt.mnt}/sf/cold")
+
+
+def data_extents(path: Path) -> list[tuple[int, int]]:
+    """(start, end) of each stretch of data, by SEEK_DATA and SEEK_HOLE."""
+    extents = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        end, pos = os.fstat(fd).st_size, 0
+        while pos < end:
+            try:
+                pos = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as err:
+                assert err.errno == errno.ENXIO
+                break
+            hole = os.lseek(fd, pos, os.SEEK_HOLE)
+            extents.append((pos, hole))
+            pos = hole
+    finally:
+        os.close(fd)
+    return extents
+
+
+@pytest.mark.skipif(not hasattr(pyfuse3.Operations, "lseek"),
+                    reason="pyfuse3 without contrib/pyfuse3-lseek.patch (scripts/setup)")
+def test_a_view_has_the_holes_of_its_snapshot(vt: Tree, tmp_path: Path) -> None:
+    img = image(vt.env, "sf", "vdb")
+    sh(f"qemu-io -f qcow2 -c 'write -P 0x71 5M 192k' -c 'write -P 0x72 9M 4k' {img}")
+    sh(f"mkdir {vt.mnt}/sf/holes")
+    try:
+        view = vt / "sf/holes/disks/vdb.img"
+        data = converted(img, "holes", tmp_path / "holes.raw").read_bytes()
+        extents = data_extents(view)
+        # Every byte outside the extents is zero, and each 64 KiB cluster inside holds data.
+        covered = bytearray(len(data))
+        for start, end in extents:
+            assert start % CHUNK == 0 and (end % CHUNK == 0 or end == len(data))
+            covered[start:end] = data[start:end]
+            assert all(data[i:i + CHUNK].strip(b"\0") for i in range(start, end, CHUNK))
+        assert bytes(covered) == data
+        assert (5 * MiB, 5 * MiB + 192 * 1024) in extents
+        # cp and tar skip the holes and copy the bytes.
+        sh(f"cp --sparse=always {view} {tmp_path}/copy.img")
+        assert (tmp_path / "copy.img").read_bytes() == data
+        taken = sum(end - start for start, end in extents)
+        assert os.stat(tmp_path / "copy.img").st_blocks * 512 <= taken + CHUNK
+    finally:
+        sh(f"rmdir {vt.mnt}/sf/holes")
 
 
 # -- safety ------------------------------------------------------------------------------
