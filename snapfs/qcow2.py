@@ -23,7 +23,7 @@ internal snapshots -- and exposes no L2 entries, so neither the allocation
 nor the changes between snapshots; ``dissect.qcow2`` reads snapshots but is
 AGPL-3.0 (snapfs is GPL-2.0-or-later) and is not on the registry this project
 installs from. The format is small and fixed (QEMU's docs/interop/qcow2.txt),
-the part read here is under 400 lines.
+the part read here fits in one module.
 
 Everything here blocks (``pread``): call it from a worker thread, or with
 ``nowait=True`` from the event loop, which raises ``BlockingIOError`` instead
@@ -98,10 +98,7 @@ class SnapshotEntry:
 def _pread(fd: int, buf: memoryview, offset: int, nowait: bool) -> None:
     """Fill ``buf`` from ``offset``; past the end of the file it stays zero."""
     while buf:
-        try:
-            n = os.preadv(fd, [buf], offset, os.RWF_NOWAIT if nowait else 0)
-        except InterruptedError:
-            continue
+        n = os.preadv(fd, [buf], offset, os.RWF_NOWAIT if nowait else 0)
         if n == 0:
             return      # past the end of the file (a file shorter than its last cluster)
         if nowait and n < len(buf):
@@ -445,17 +442,16 @@ class Layer(Source):
             return self.size
         return max(offset, cluster << self.bits)
 
-    def data_clusters(self) -> Iterator[int]:
-        """The clusters that may read anything but zeros, in order."""
-        per_table = 1 << (self.bits - 3)
-        backing = self.image.backing is not None
-        for index in range(-(-self.clusters // per_table)):
-            if not backing and (index >= len(self.l1) or not self.l1[index]):
-                continue
-            first = index * per_table
-            for cluster in range(first, min(first + per_table, self.clusters)):
-                if self.token(cluster):
-                    yield cluster
+    def extents(self) -> Iterator[tuple[int, int]]:
+        """(start, length) of each stretch that may hold anything but zeros."""
+        pos = 0
+        while pos < self.size:
+            try:
+                start = self.seek(pos, os.SEEK_DATA)
+            except OSError:     # ENXIO: zeros to the end
+                return
+            pos = self.seek(start, os.SEEK_HOLE)
+            yield start, pos - start
 
     def close(self) -> None:
         self.image.close()
@@ -481,18 +477,11 @@ def changed_ranges(layer: Layer, parent: Layer | None) -> list[tuple[int, int]]:
     both reading the backing file match. A disk that grew since ``parent`` differs
     from it past its old end wherever it may read anything but zeros.
     """
+    if parent is None:
+        return merge(layer.extents())
     size, bits = layer.size, layer.bits
-
-    def clusters() -> Iterator[tuple[int, int]]:
-        if parent is None:
-            found: Iterator[int] = layer.data_clusters()
-        else:
-            found = (c for c in range(layer.clusters) if _differs(layer, parent, c))
-        for cluster in found:
-            start = cluster << bits
-            yield start, min(1 << bits, size - start)
-
-    return merge(clusters())
+    return merge((c << bits, min(1 << bits, size - (c << bits)))
+                 for c in range(layer.clusters) if _differs(layer, parent, c))
 
 
 def _differs(layer: Layer, parent: Layer, cluster: int) -> bool:
