@@ -2,32 +2,25 @@
 and what changed against another snapshot.
 
 A snapshot is an L1 table of its own; its L2 tables and data clusters are
-shared with the active layer and the other snapshots by reference count. A
-cluster a snapshot references is never written in place while the snapshot
-exists (QEMU copies on write any cluster whose refcount is above 1), so the
-snapshot's tables and bytes can be read with plain ``pread`` while QEMU writes
-the active layer: no lock, no qemu-nbd, no socket. Zero and unallocated
-clusters are answered without I/O; an unallocated cluster reads the backing
-file's active layer (qcow2 or raw) at the same offset, as QEMU does. The
-snapshot records the disk's virtual size at snapshot time, and that is the
-view's size.
+shared by reference count, and QEMU copies on write any cluster whose
+refcount is above 1: while the snapshot exists its clusters are never
+written in place, so they can be read with ``pread`` while QEMU writes the
+active layer. Zero and unallocated clusters cost no I/O; an unallocated one
+reads the backing file's active layer (qcow2 or raw), as QEMU does. The size
+is the disk's at snapshot time, as the snapshot records it.
 
-What it refuses (:class:`Unsupported`, with the reason), so that the caller
-serves the image another way: compressed clusters, encryption, an external
-data file, extended L2 entries (subclusters), an image marked corrupt, any
-incompatible feature bit it does not know, a backing file it cannot open.
+Refused (:class:`Unsupported`, with the reason, for the caller to serve the
+image another way): compressed clusters, encryption, an external data file,
+extended L2 entries, an image marked corrupt, unknown incompatible features,
+a backing file it cannot open.
 
-Why not a library: PyPI has ``libqcow-python`` (bindings to libyal's C
-libqcow, marked experimental), which reads the active layer only -- not
-internal snapshots -- and exposes no L2 entries, so neither the allocation
-nor the changes between snapshots; ``dissect.qcow2`` reads snapshots but is
-AGPL-3.0 (snapfs is GPL-2.0-or-later) and is not on the registry this project
-installs from. The format is small and fixed (QEMU's docs/interop/qcow2.txt),
-the part read here fits in one module.
+Why not a library: on PyPI, ``libqcow-python`` (libyal's C libqcow, marked
+experimental) reads the active layer only, not internal snapshots, and shows
+no L2 entries (so neither allocation nor changes); ``dissect.qcow2`` is
+AGPL-3.0 (snapfs is GPL-2.0-or-later) and not on the registry we install from.
 
-Everything here blocks (``pread``): call it from a worker thread, or with
-``nowait=True`` from the event loop, which raises ``BlockingIOError`` instead
-of waiting for the disk.
+Everything here blocks: call it from a worker thread, or with ``nowait=True``
+from the event loop (``BlockingIOError`` instead of waiting for the disk).
 """
 
 from __future__ import annotations
@@ -42,6 +35,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from .errors import NotFound, SnapfsError
 
@@ -61,6 +55,8 @@ MAX_BACKING_DEPTH = 16
 L2_CACHE_BYTES = 32 << 20
 """L2 tables kept per layer (the tables of a 256 GiB disk with 64 KiB clusters)."""
 
+# The last snapshot table parsed per image file, with its bytes: (offset, count), bytes, entries.
+_TABLES: dict[tuple[int, int], tuple[tuple[int, int], bytes, list[SnapshotEntry]]] = {}
 # Per byte: nonzero when the compressed bit (62, in an entry's first byte) is set.
 _COMPRESSED_BYTE = bytes(1 if b & 0x40 else 0 for b in range(256))
 _LOW_BIT = bytes(b & 1 for b in range(256))
@@ -112,23 +108,19 @@ def _read(fd: int, size: int, offset: int) -> bytes:
     return bytes(buf)
 
 
-class Source:
+class Source(Protocol):
     """What an unallocated cluster reads from: a backing file's active layer."""
 
     size: int
 
-    def read_into(self, buf: memoryview, offset: int, nowait: bool = False) -> None:
-        raise NotImplementedError
+    def read_into(self, buf: memoryview, offset: int, nowait: bool = False) -> None: ...
 
-    def has_data(self, start: int, end: int) -> bool:
-        """Whether [start, end) may read anything but zeros."""
-        raise NotImplementedError
+    def has_data(self, start: int, end: int) -> bool: ...  # may [start, end) hold non-zeros?
 
-    def close(self) -> None:
-        raise NotImplementedError
+    def close(self) -> None: ...
 
 
-class RawFile(Source):
+class RawFile:
     def __init__(self, path: Path) -> None:
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         self.size = os.fstat(self.fd).st_size
@@ -230,42 +222,50 @@ class Image:
         if ":" in name.split("/", 1)[0]:
             raise Unsupported(f"{self.path}: backing file {name!r} is not a plain file name")
         path = Path(name) if os.path.isabs(name) else self.path.parent / name
-        if not fmt:
-            try:
+        try:
+            if not fmt:
                 with open(path, "rb") as f:
                     fmt = "qcow2" if f.read(4) == MAGIC else "raw"
-            except OSError as err:
-                raise Unsupported(f"{self.path}: cannot open backing file {path}: "
-                                  f"{err.strerror}") from None
-        try:
             if fmt == "raw":
                 return RawFile(path)
             if fmt == "qcow2":
                 return Image(path, depth + 1).layer(None)
-        except NotFound:
-            raise Unsupported(f"{self.path}: backing file {path} is missing") from None
-        except OSError as err:
-            raise Unsupported(f"{self.path}: cannot open backing file {path}: "
-                              f"{err.strerror}") from None
+        except (OSError, SnapfsError) as err:
+            why = err.strerror if isinstance(err, OSError) else str(err)
+            raise Unsupported(f"{self.path}: cannot open backing file {path}: {why}") from None
         raise Unsupported(f"{self.path}: backing file {path} is {fmt}")
 
     def snapshots(self) -> list[SnapshotEntry]:
-        """The snapshot table as it is now on disk."""
-        out = []
-        pos = self.snapshots_offset
+        """The snapshot table as it is now on disk; parsed again only when its bytes
+        changed (a listing stats every view, and a table can hold thousands)."""
+        st = os.fstat(self.fd)
+        where = (self.snapshots_offset, self.nb_snapshots)
+        kept = _TABLES.get((st.st_dev, st.st_ino))
+        if kept is not None and kept[0] == where and \
+                _read(self.fd, len(kept[1]), self.snapshots_offset) == kept[1]:
+            return kept[2]
+        data, out, pos = b"", [], 0
         for _ in range(self.nb_snapshots):
-            head = _read(self.fd, 40, pos)
+            if len(data) < pos + 40:
+                data += _read(self.fd, 1 << 16, self.snapshots_offset + len(data))
             (l1_offset, l1_size, id_len, name_len, date_sec, date_nsec, vm_clock,
-             _, extra_len) = struct.unpack(">QIHHIIQII", head)
-            rest = _read(self.fd, extra_len + id_len + name_len, pos + 40)
+             _, extra_len) = struct.unpack_from(">QIHHIIQII", data, pos)
+            if extra_len > 1 << 16:
+                raise Qcow2Error(f"{self.path}: a snapshot with {extra_len} bytes of extra data")
+            body, end = pos + 40, pos + 40 + extra_len + id_len + name_len
+            while len(data) < end:
+                data += _read(self.fd, 1 << 16, self.snapshots_offset + len(data))
             disk_size = self.size   # entries without extra data: the image's size
             if extra_len >= 16:
-                disk_size, = struct.unpack_from(">Q", rest, 8)
-            ident = rest[extra_len:extra_len + id_len].decode(errors="replace")
-            name = rest[extra_len + id_len:].decode(errors="surrogateescape")
+                disk_size, = struct.unpack_from(">Q", data, body + 8)
+            ident = data[body + extra_len:body + extra_len + id_len].decode(errors="replace")
+            name = data[body + extra_len + id_len:end].decode(errors="surrogateescape")
             out.append(SnapshotEntry(ident, name, l1_offset, l1_size, disk_size,
                                      date_sec, date_nsec, vm_clock))
-            pos += (40 + extra_len + id_len + name_len + 7) // 8 * 8
+            pos = (end + 7) // 8 * 8
+        if len(_TABLES) >= 64:
+            _TABLES.clear()
+        _TABLES[(st.st_dev, st.st_ino)] = (where, data[:pos], out)
         return out
 
     def find(self, name: str) -> SnapshotEntry:
@@ -290,7 +290,7 @@ class Image:
             self.fd = -1
 
 
-class Layer(Source):
+class Layer:
     """The bytes of one L1 table (a snapshot's, or a backing file's active layer).
 
     Owns its image: ``close`` closes it. L2 tables are cached (bounded), each
