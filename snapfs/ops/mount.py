@@ -38,7 +38,7 @@ __all__ = ["mount", "notify"]
 logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-READ_AHEAD_KB = 4096
+READ_AHEAD_KB = 8192
 """The mount's read-ahead: a FUSE mount starts at 128 KiB, and sends sequential
 reads of save images and disk views in requests that big. With a 4 MiB window
 they come in libfuse's largest requests, 1 MiB, four at a time: the tree reads
