@@ -286,16 +286,16 @@ async def usage(image: Path, tag: str) -> tuple[int, int] | None:
     settled = _settled(image)
     if settled is not None and ("usage", settled, tag) in _answers:
         return _remember(("usage", settled, tag), lambda: None)
+    found: tuple[int, int] | None = None
     try:
         found = await trio.to_thread.run_sync(_usage, image, tag)
-        if settled is not None:
-            _remember(("usage", settled, tag), lambda: found)
-        return found
     except NotFound:
         raise
     except (SnapfsError, OSError) as err:
         logger.debug("usage of %r of %s: %s", tag, image, err)
-        return None
+    if settled is not None:     # refusals too: an image qemu-nbd serves is not read again
+        _remember(("usage", settled, tag), lambda: found)
+    return found
 
 
 async def changes(image: Path, tag: str, parent: str | None) -> tuple[str | None,

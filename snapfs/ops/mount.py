@@ -40,9 +40,10 @@ logger = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 READ_AHEAD_KB = 8192
 """The mount's read-ahead: a FUSE mount starts at 128 KiB, and sends sequential
-reads of save images and disk views in requests that big. With a 4 MiB window
-they come in libfuse's largest requests, 1 MiB, four at a time: the tree reads
-a cold file with four worker threads at once."""
+reads of save images and disk views in requests that big. With an 8 MiB window
+they come in libfuse's largest requests, 1 MiB, eight at a time: the tree reads
+a cold file with eight worker threads at once (a cold 1 GiB view: 0.71x of
+qemu-img convert -l with a 4 MiB window, 0.98x with 8 MiB)."""
 
 
 def notify(message: str) -> None:
