@@ -1,26 +1,8 @@
-"""Read a qcow2 internal snapshot in-process: its tables, its bytes, its allocation
-and what changed against another snapshot.
+"""One qcow2 image file: its header, its snapshot table, the layers of its L1 tables.
 
-A snapshot is an L1 table of its own; its L2 tables and data clusters are
-shared by reference count, and QEMU copies on write any cluster whose
-refcount is above 1: while the snapshot exists its clusters are never
-written in place, so they can be read with ``pread`` while QEMU writes the
-active layer. Zero and unallocated clusters cost no I/O; an unallocated one
-reads the backing file's active layer (qcow2 or raw), as QEMU does. The size
-is the disk's at snapshot time, as the snapshot records it.
-
-Refused (:class:`Unsupported`, with the reason, for the caller to serve the
-image another way): compressed clusters, encryption, an external data file,
-extended L2 entries, an image marked corrupt, unknown incompatible features,
-a backing file it cannot open.
-
-Why not a library: on PyPI, ``libqcow-python`` (libyal's C libqcow, marked
-experimental) reads the active layer only, not internal snapshots, and shows
-no L2 entries (so neither allocation nor changes); ``dissect.qcow2`` is
-AGPL-3.0 (snapfs is GPL-2.0-or-later) and not on the registry we install from.
-
-Everything here blocks: call it from a worker thread, or with ``nowait=True``
-from the event loop (``BlockingIOError`` instead of waiting for the disk).
+``Image`` reads the header and the snapshot table; ``Layer`` the bytes of one
+L1 table (a snapshot's, or a backing file's active layer), its allocation and
+its holes; ``RawFile`` a raw backing file. See the package for why.
 """
 
 from __future__ import annotations
@@ -30,6 +12,7 @@ import os
 import struct
 import sys
 import threading
+import time
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -37,10 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from .errors import NotFound, SnapfsError
+from ..errors import NotFound, SnapfsError
 
-__all__ = ["Image", "Layer", "Qcow2Error", "SnapshotEntry", "Unsupported", "changed_ranges",
-           "merge"]
+__all__ = ["Image", "Layer", "Qcow2Error", "RawFile", "SnapshotEntry", "Unsupported"]
 
 MAGIC = b"QFI\xfb"
 OFFSET_MASK = 0x00FF_FFFF_FFFF_FE00     # host offset bits of an L1 or L2 entry
@@ -52,6 +34,7 @@ DIRTY, CORRUPT, DATA_FILE, COMPRESSION_TYPE, EXTENDED_L2 = 1, 2, 4, 8, 16
 READABLE_INCOMPATIBLE = DIRTY | COMPRESSION_TYPE
 EXT_END, EXT_BACKING_FORMAT, EXT_ENCRYPTION, EXT_DATA_FILE = 0, 0xE2792ACA, 0x0537BE77, 0x44415441
 MAX_BACKING_DEPTH = 16
+TORN_READ_TRIES = 20
 L2_CACHE_BYTES = 32 << 20
 """L2 tables kept per layer (the tables of a 256 GiB disk with 64 KiB clusters)."""
 
@@ -236,25 +219,42 @@ class Image:
         raise Unsupported(f"{self.path}: backing file {path} is {fmt}")
 
     def snapshots(self) -> list[SnapshotEntry]:
-        """The snapshot table as it is now on disk; parsed again only when its bytes
-        changed (a listing stats every view, and a table can hold thousands)."""
+        """The snapshot table as it is now on disk. QEMU writes a new table elsewhere
+        and then points the header at it: a table read between two equal headers is
+        whole. Parsed again only when its bytes changed (listings stat every view)."""
         st = os.fstat(self.fd)
-        where = (self.snapshots_offset, self.nb_snapshots)
-        kept = _TABLES.get((st.st_dev, st.st_ino))
-        if kept is not None and kept[0] == where and \
-                _read(self.fd, len(kept[1]), self.snapshots_offset) == kept[1]:
-            return kept[2]
+        for attempt in range(TORN_READ_TRIES):
+            nb, offset = struct.unpack(">IQ", _read(self.fd, 12, 60))
+            kept = _TABLES.get((st.st_dev, st.st_ino))
+            try:
+                if kept is not None and kept[0] == (offset, nb) and \
+                        _read(self.fd, len(kept[1]), offset) == kept[1]:
+                    raw, out = kept[1], kept[2]
+                else:
+                    raw, out = self._parse_table(offset, nb)
+            except (struct.error, Qcow2Error):
+                raw, out = b"", None    # a table freed and overwritten as it was read
+            if out is not None and struct.unpack(">IQ", _read(self.fd, 12, 60)) == (nb, offset):
+                if len(_TABLES) >= 64:
+                    _TABLES.clear()
+                _TABLES[(st.st_dev, st.st_ino)] = ((offset, nb), raw, out)
+                self.snapshots_offset, self.nb_snapshots = offset, nb
+                return out
+            time.sleep(0.005 * (attempt + 1))
+        raise Qcow2Error(f"the snapshot table of {self.path} kept changing while it was read")
+
+    def _parse_table(self, offset: int, count: int) -> tuple[bytes, list[SnapshotEntry]]:
         data, out, pos = b"", [], 0
-        for _ in range(self.nb_snapshots):
+        for _ in range(count):
             if len(data) < pos + 40:
-                data += _read(self.fd, 1 << 16, self.snapshots_offset + len(data))
+                data += _read(self.fd, 1 << 16, offset + len(data))
             (l1_offset, l1_size, id_len, name_len, date_sec, date_nsec, vm_clock,
              _, extra_len) = struct.unpack_from(">QIHHIIQII", data, pos)
             if extra_len > 1 << 16:
                 raise Qcow2Error(f"{self.path}: a snapshot with {extra_len} bytes of extra data")
             body, end = pos + 40, pos + 40 + extra_len + id_len + name_len
             while len(data) < end:
-                data += _read(self.fd, 1 << 16, self.snapshots_offset + len(data))
+                data += _read(self.fd, 1 << 16, offset + len(data))
             disk_size = self.size   # entries without extra data: the image's size
             if extra_len >= 16:
                 disk_size, = struct.unpack_from(">Q", data, body + 8)
@@ -263,10 +263,7 @@ class Image:
             out.append(SnapshotEntry(ident, name, l1_offset, l1_size, disk_size,
                                      date_sec, date_nsec, vm_clock))
             pos = (end + 7) // 8 * 8
-        if len(_TABLES) >= 64:
-            _TABLES.clear()
-        _TABLES[(st.st_dev, st.st_ino)] = (where, data[:pos], out)
-        return out
+        return data[:pos], out
 
     def find(self, name: str) -> SnapshotEntry:
         """The first snapshot named ``name``, as QEMU picks. :raise NotFound:"""
@@ -455,44 +452,3 @@ class Layer:
 
     def close(self) -> None:
         self.image.close()
-
-
-def merge(ranges: Iterator[tuple[int, int]]) -> list[tuple[int, int]]:
-    """(start, length) pairs in order, adjacent ones joined."""
-    out: list[tuple[int, int]] = []
-    for start, length in ranges:
-        if out and out[-1][0] + out[-1][1] == start:
-            out[-1] = (out[-1][0], out[-1][1] + length)
-        else:
-            out.append((start, length))
-    return out
-
-
-def changed_ranges(layer: Layer, parent: Layer | None) -> list[tuple[int, int]]:
-    """The byte ranges of ``layer`` that may differ from ``parent`` (both of one image),
-    or from an empty disk when there is none; cluster-aligned, merged, cut at the size.
-
-    Two clusters with the same L2 entry hold the same bytes (a snapshot's clusters
-    are copied on write, never changed in place); zeros match zeros, and clusters
-    both reading the backing file match. A disk that grew since ``parent`` differs
-    from it past its old end wherever it may read anything but zeros.
-    """
-    if parent is None:
-        return merge(layer.extents())
-    size, bits = layer.size, layer.bits
-    return merge((c << bits, min(1 << bits, size - (c << bits)))
-                 for c in range(layer.clusters) if _differs(layer, parent, c))
-
-
-def _differs(layer: Layer, parent: Layer, cluster: int) -> bool:
-    per_table_bits = layer.bits - 3
-    index = cluster >> per_table_bits
-    mine = layer.l1[index] if index < len(layer.l1) else 0
-    theirs = parent.l1[index] if index < len(parent.l1) else 0
-    start = cluster << layer.bits
-    if mine == theirs and start + layer.cluster_size <= parent.size:
-        return False    # one L2 table: every cluster under it is the same
-    if start >= parent.size:
-        return layer.token(cluster) != 0
-    return (layer.entry(cluster) & ~(1 << 63)) != (parent.entry(cluster) & ~(1 << 63)) and \
-        layer.token(cluster) != parent.token(cluster)
