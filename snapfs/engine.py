@@ -21,7 +21,8 @@ from . import apply as applying
 from . import domains, qemu
 from .catalog import Catalog
 from .config import DOMAIN_NAME, Dirs, DomainDef, check_snapshot_name, list_domains
-from .diskview import DiskView, DiskViews
+from .disks import DiskQueries
+from .diskview import DiskViews
 from .errors import AlreadyExists, Busy, ConfigError, NotFound, StateError
 from .images import DiskSnapshot, DiskTable
 from .journal import Journal
@@ -49,7 +50,7 @@ def _now_name() -> str:
     return str(int(time.time()))
 
 
-class Engine:
+class Engine(DiskQueries):
     """The operations over the directories ``dirs``. ``views`` is set by a mounted
     tree for as long as it serves disk views."""
 
@@ -288,13 +289,3 @@ class Engine:
 
     async def disk_table(self, domain: str, fresh: bool = False) -> DiskTable:
         return await self.catalog.disk_table(domain, fresh)
-
-    async def open_disk_view(self, domain: str, tag: str, dev: str) -> DiskView:
-        """Taken under the domain's lock, so it cannot race a delete of the same snapshot."""
-        if self.views is None:
-            raise StateError("disk views are served by a mounted tree only")
-        disk = next((d for d in self.domain(domain).disks if d.dev == dev), None)
-        if disk is None:
-            raise NotFound(f"domain {domain!r} has no disk {dev!r}")
-        async with self._operation(domain, OpName.DISK_VIEW):
-            return await self.views.open(disk.file, tag)

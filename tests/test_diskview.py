@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -119,9 +120,10 @@ def image(tmp_path: Path, data: bytes) -> Path:
     return img
 
 
-@pytest.fixture
-async def views(run_dir: Path):
-    v = DiskViews(run_dir, idle=IDLE)
+@pytest.fixture(params=["local", "nbd"])
+async def views(run_dir: Path, request: pytest.FixtureRequest):
+    """Views read in-process, or (``nbd``) always through qemu-nbd."""
+    v = DiskViews(run_dir, idle=IDLE, local=request.param == "local")
     try:
         yield v
     finally:
@@ -225,7 +227,8 @@ async def test_concurrent_readers(views: DiskViews, image: Path, data: bytes) ->
             n.start_soon(reader, "t2", b"\x42" * SIZE, 100 + i)
         await trio.sleep(0.2)
         servers = views.servers()
-        assert len(servers) == 2  # one qemu-nbd per snapshot, shared by its readers
+        # one qemu-nbd per snapshot, shared by its readers; none when read in-process
+        assert len(servers) == (0 if views.local else 2)
     assert errors == []
 
 
@@ -267,6 +270,30 @@ async def test_unknown_tag_is_enoent(views: DiskViews, image: Path, tmp_path: Pa
     assert views.servers() == []
 
 
+async def test_qemu_nbd_serves_only_what_the_reader_refuses(
+        run_dir: Path, tmp_path: Path, data: bytes, caplog: pytest.LogCaptureFixture) -> None:
+    plain = make_image(tmp_path / "plain.qcow2", data)
+    packed = tmp_path / "packed.qcow2"
+    sh("qemu-img", "convert", "-c", "-f", "qcow2", "-O", "qcow2", plain, packed)
+    for img in (plain, packed):
+        sh("qemu-img", "snapshot", "-c", "t", img)
+        qemu_io(img, f"write -P 0xee 0 {SIZE}")
+    async with DiskViews(run_dir, idle=0) as views:
+        async with await views.open(plain, "t") as view:
+            assert await read_all(view, MiB) == data
+            assert views.servers() == [] and nbd_servers_under(tmp_path) == []
+            assert exported(run_dir, plain, "t")   # a delete is refused meanwhile
+            assert views.is_open(plain, "t")
+        assert not exported(run_dir, plain, "t")
+        with caplog.at_level(logging.INFO, logger="snapfs.diskview"):
+            async with await views.open(packed, "t") as view:
+                assert await read_all(view, MiB) == data
+                assert [s["image"] for s in views.servers()] == [str(packed)]
+                assert exported(run_dir, packed, "t")
+    refused = [r.getMessage() for r in caplog.records if "served by qemu-nbd" in r.getMessage()]
+    assert len(refused) == 1 and "compressed clusters" in refused[0], refused
+
+
 class _NoPrecheck(DiskViews):
     """Skips the snapshot-table lookup so that qemu-nbd itself meets the bad tag."""
 
@@ -275,7 +302,7 @@ class _NoPrecheck(DiskViews):
 
 
 async def test_qemu_nbd_error_is_captured(run_dir: Path, image: Path) -> None:
-    async with _NoPrecheck(run_dir, idle=IDLE) as views:
+    async with _NoPrecheck(run_dir, idle=IDLE, local=False) as views:
         with pytest.raises(DiskViewError) as ei:
             await views.open(image, "nosuch")
     assert ei.value.errno == errno.ENOENT
@@ -300,6 +327,10 @@ def exported_elsewhere(run_dir: Path, image: Path, tag: str) -> bool:
     return out.stdout.strip() == "True"
 
 
+NBD_ONLY = pytest.mark.parametrize("views", ["nbd"], indirect=True)
+
+
+@NBD_ONLY
 async def test_exported_and_idle_stop(views: DiskViews, run_dir: Path, image: Path) -> None:
     assert not exported(run_dir, image, "t1")
     v1 = await views.open(image, "t1")
@@ -336,6 +367,7 @@ async def test_exported_and_idle_stop(views: DiskViews, run_dir: Path, image: Pa
     assert not exported(run_dir, image, "t1")
 
 
+@NBD_ONLY
 async def test_idle_server_not_reused_for_recreated_snapshot(
     views: DiskViews, image: Path, data: bytes
 ) -> None:
@@ -357,7 +389,7 @@ async def test_idle_server_not_reused_for_recreated_snapshot(
 
 
 async def test_aclose_stops_open_views(run_dir: Path, image: Path) -> None:
-    views = DiskViews(run_dir, idle=60)
+    views = DiskViews(run_dir, idle=60, local=False)
     view = await views.open(image, "t1")
     pid = views.servers()[0]["pid"]
     await views.aclose()
@@ -372,7 +404,7 @@ async def test_aclose_stops_open_views(run_dir: Path, image: Path) -> None:
 
 
 async def test_idle_zero_stops_at_once(run_dir: Path, image: Path) -> None:
-    async with DiskViews(run_dir, idle=0) as views:
+    async with DiskViews(run_dir, idle=0, local=False) as views:
         async with await views.open(image, "t1") as view:
             pid = views.servers()[0]["pid"]
             await view.read(0, 10)
@@ -380,6 +412,7 @@ async def test_idle_zero_stops_at_once(run_dir: Path, image: Path) -> None:
         assert os.listdir(run_dir / "nbd") == []
 
 
+@NBD_ONLY
 async def test_server_outlives_idle_worker_threads(
     views: DiskViews, image: Path, data: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -404,6 +437,7 @@ async def test_server_outlives_idle_worker_threads(
     await views.close(view)
 
 
+@NBD_ONLY
 async def test_server_death_is_eio_then_reopen_recovers(
     views: DiskViews, image: Path, data: bytes
 ) -> None:
@@ -419,6 +453,7 @@ async def test_server_death_is_eio_then_reopen_recovers(
     await views.close(view)
 
 
+@NBD_ONLY
 async def test_cancelled_open_leaves_nothing(views: DiskViews, image: Path,
                                              data: bytes) -> None:
     for delay in (0, 0.001, 0.003, 0.006, 0.01, 0.02, 0.05):
@@ -440,7 +475,7 @@ from pathlib import Path
 from snapfs.diskview import DiskViews
 
 async def main():
-    views = DiskViews(Path(sys.argv[1]), idle=30)
+    views = DiskViews(Path(sys.argv[1]), idle=30, local=False)
     view = await views.open(Path(sys.argv[2]), "t1")
     print(views.servers()[0]["pid"], flush=True)
     await trio.sleep(300)
@@ -467,7 +502,7 @@ async def test_owner_crash_kills_server_and_reap_cleans(run_dir: Path, image: Pa
         assert not pid_alive(server), "qemu-nbd outlived its owner (PDEATHSIG)"
         assert not exported(run_dir, image, "t1")
         assert any(f.endswith(".json") for f in os.listdir(run_dir / "nbd"))  # stale record
-        async with DiskViews(run_dir):  # construction reaps
+        async with DiskViews(run_dir, local=False):  # construction reaps
             assert os.listdir(run_dir / "nbd") == []
     finally:
         if child.poll() is None:

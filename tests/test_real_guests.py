@@ -158,7 +158,7 @@ def test_linux_guest_comes_back_from_a_live_snapshot(guests: tuple[Tree, Guest, 
     started = time.monotonic()
     env.snapfs("vm-snapshot-create", "-n", "s1", "lx")
     print(f"\nlive vm-snapshot-create of the Linux guest: {time.monotonic() - started:.2f} s")
-    view = tree / "lx" / "s1" / "disks" / "vda.raw"
+    view = tree / "lx" / "s1" / "disks" / "vda.img"
     check = e2fsck(view)
     assert check.returncode == 0, check.stdout + check.stderr
     at_snapshot = int(debugfs_cat(view, COUNT_FILE))
@@ -186,7 +186,7 @@ def test_linux_guest_disk_is_at_the_snapshot_after_a_paused_apply(
     env = tree.env
     lx.wait_count(lx.counts()[-1][0] + 1)
     env.snapfs("vm-snapshot-create", "-n", "s2", "lx")
-    at_snapshot = int(debugfs_cat(tree / "lx" / "s2" / "disks" / "vda.raw", COUNT_FILE))
+    at_snapshot = int(debugfs_cat(tree / "lx" / "s2" / "disks" / "vda.img", COUNT_FILE))
     lx.wait_count(at_snapshot + 3)
     env.snapfs("vm-snapshot-apply", "--paused", "-n", "s2", "lx")
     env.snapfs("domain", "stop", "--force", "lx")
@@ -216,7 +216,7 @@ def test_uefi_nvram_comes_back_with_its_snapshot(guests: tuple[Tree, Guest, Gues
     listing = env.snapfs("disk-snapshot-list", "uf").stdout
     assert re.search(r"^nvram\s+\d+\s+u1\s", listing, re.M), listing
     at_snapshot = snapshot_bytes(nvram, "u1", tmp_path / "u1.raw")
-    assert (tree / "uf" / "u1" / "disks" / "nvram.raw").read_bytes() == at_snapshot
+    assert (tree / "uf" / "u1" / "disks" / "nvram.img").read_bytes() == at_snapshot
     assert at_snapshot.rstrip(b"\xff\x00"), "the NVRAM holds OVMF's variable store"
 
     # Every other transaction of a running domain takes the NVRAM along too.

@@ -6,12 +6,12 @@ and tools do at once, through ``os`` calls on the mount:
     cycler  (one per domain)  mkdir c-N, write apply (every third cycle apply
                               .undo as well), mkdir/rmdir a .disk tag, rmdir c-N
     reader  (READERS)         stream ``base/save`` or a disk view of ``base``
-                              (``base/disks/<dev>.raw``, ``.disk/base/<dev>.raw``)
+                              (``base/disks/<dev>.img``, ``.disk/dbase/<dev>.img``)
                               to its end; check its sha256
     walker  (WALKERS)         ``ls -lR``: os.walk the whole tree, lstat every
                               entry, read every small file and ``.current``
 
-Readers read only ``base``, which no cycler removes: an rmdir of a snapshot
+Readers read only ``base`` and ``dbase``, which no cycler removes: an rmdir of a snapshot
 with an open file is EBUSY by design. A walker may meet a name a cycler has
 just removed (a ``c-N``, ``.undo``, a disk tag): ENOENT there is the race any
 ``ls -R`` runs into, counted as ``vanished``; every other failure is an error.
@@ -284,7 +284,7 @@ class Load:
             return False
         entry = parts[1]
         return (entry.startswith("c-") or entry in (".undo", ".current")
-                or (entry == ".disk" and len(parts) > 2 and parts[2] != "base"))
+                or (entry == ".disk" and len(parts) > 2 and parts[2] != "dbase"))
 
     def vanished(self, err: FileNotFoundError, path: Path) -> None:
         """Count an ENOENT on ``path`` that is no error of the tree's, or raise it."""
@@ -336,7 +336,9 @@ def assert_tree_agrees(tree: Tree) -> None:
         assert all(tags == on_disks["vda"] for tags in on_disks.values()), on_disks
         listed = set(os.listdir(tree / dom))
         assert listed - {".status", ".current", ".disk"} == set(infos), (dom, listed, infos)
-        assert set(os.listdir(tree / dom / ".disk")) == on_disks["vda"], (dom, on_disks)
+        # .disk holds the disk-only snapshots: the tags no VM snapshot (.undo too) owns.
+        assert set(os.listdir(tree / dom / ".disk")) == on_disks["vda"] - set(infos.values()), \
+            (dom, on_disks, infos)
         store = tree.store(dom)
         for snap, tag in infos.items():
             assert tag in on_disks["vda"], (dom, snap, tag, on_disks)
@@ -345,7 +347,8 @@ def assert_tree_agrees(tree: Tree) -> None:
             facts = json.loads((tree / dom / snap / "info.json").read_text())
             assert facts["disk_tag"] == tag
             assert sorted(s["dev"] for s in facts["disk_snapshots"]) == list(DEVS)
-            assert sorted(os.listdir(tree / dom / snap / "disks")) == [f"{d}.raw" for d in DEVS]
+            assert sorted(os.listdir(tree / dom / snap / "disks")) == sorted(
+                f"{d}{suffix}" for d in DEVS for suffix in (".img", ".changes"))
         status = tree.status(dom)
         assert status["state"] == "running" and status["operation"] == "-", status
         assert status["last_error"] == "-", status
@@ -370,15 +373,17 @@ def test_soak(env: Env) -> None:
         targets = []
         for dom in DOMS:
             os.mkdir(tree / dom / "base")
+            os.mkdir(tree / dom / ".disk/dbase")
             xl = (tree / dom / "base/snapshotdata.xl").read_text()
             save_sha = re.search(r'^snapshot_save_sha256="(.*)"$', xl, re.MULTILINE)
             assert save_sha, xl
             targets.append(Target(tree / dom / "base/save", save_sha[1], "save"))
             for dev in DEVS:
-                view_sha = converted_sha256(env.images / f"{dom}-{dev}.qcow2", "base",
-                                            env.root / "base.raw")
-                targets += [Target(tree / dom / f"base/disks/{dev}.raw", view_sha, "view"),
-                            Target(tree / dom / f".disk/base/{dev}.raw", view_sha, "view")]
+                view_sha, disk_sha = (converted_sha256(env.images / f"{dom}-{dev}.qcow2", tag,
+                                                       env.root / "base.raw")
+                                      for tag in ("base", "dbase"))
+                targets += [Target(tree / dom / f"base/disks/{dev}.img", view_sha, "view"),
+                            Target(tree / dom / f".disk/dbase/{dev}.img", disk_sha, "view")]
 
         # Warm-up: each kind of operation once, so that what the daemon keeps
         # for its whole life (QMP thread and loop, trio's threads) exists.
@@ -431,7 +436,7 @@ def test_soak(env: Env) -> None:
     assert tree.proc.returncode == 0, tree.log.read_text()[-5000:]
     assert_clean_log(tree.log)
     for dom in DOMS:
-        assert_consistent(env, name=dom)
+        assert_consistent(env, disk_only={"dbase"}, name=dom)
     # Each apply replaced a domain's QEMU: only the last two run, and nothing
     # else started for this test's dirs (qemu-nbd, qemu-img) is left.
     qemus = {int((env.run / f"{dom}.pid").read_text()) for dom in DOMS}

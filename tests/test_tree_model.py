@@ -9,6 +9,7 @@ test fails if snapfs logs an error it did not expect.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import stat
@@ -242,7 +243,7 @@ async def test_disk_snapshots_in_dot_disk(ops: Operations,
         tags = await listdir(ops, f"{DOM}/.disk", monkeypatch)
         assert "t1" in tags and stat.S_ISDIR(tags["t1"].st_mode)
         assert list(await listdir(ops, f"{DOM}/.disk/t1", monkeypatch)) == [
-            "info", "vda.raw", "vdb.raw"]
+            "info", "vda.img", "vdb.img"]
         lines = (await read_file(ops, f"{DOM}/.disk/t1/info")).decode().splitlines()
         assert lines[0].split() == ["DISK", "ID", "TAG", "VM", "SIZE", "DATE", "VM", "CLOCK"]
         assert [line.split()[0] for line in lines[1:]] == ["vda", "vdb"]
@@ -255,8 +256,9 @@ async def test_disk_snapshots_in_dot_disk(ops: Operations,
     # A VM snapshot's disk snapshot goes with the VM snapshot only.
     await mkdir(ops, DOM, "owned")
     try:
-        assert "owned" in await listdir(ops, f"{DOM}/.disk", monkeypatch)
-        await fails(errno.EBUSY, rmdir(ops, f"{DOM}/.disk", "owned"))
+        assert "owned" not in await listdir(ops, f"{DOM}/.disk", monkeypatch)
+        await fails(errno.ENOENT, rmdir(ops, f"{DOM}/.disk", "owned"))
+        assert "owned" in await listdir(ops, DOM, monkeypatch)
     finally:
         await rmdir(ops, DOM, "owned")
 
@@ -351,28 +353,41 @@ async def test_disk_views_show_the_disks_as_they_were(
     try:
         snap = await engine.snapshot(DOM, "old")
         listed = await listdir(ops, f"{DOM}/old/disks", monkeypatch)
-        assert list(listed) == ["vda.raw", "vdb.raw"]
-        for attr in listed.values():
+        assert list(listed) == ["vda.img", "vda.changes", "vdb.img", "vdb.changes"]
+        for dev in ("vda", "vdb"):
+            attr = listed[f"{dev}.img"]
             assert stat.S_ISREG(attr.st_mode) and stat.S_IMODE(attr.st_mode) == 0o400
             assert attr.st_size == 16 << 20
-            assert 0 < attr.st_blocks <= attr.st_size // 512
             assert attr.st_mtime_ns == snap.creation_time * 10**9
-        old = await read_view(ops, f"{DOM}/old/disks/vda.raw", (1 << 20) - 4096, 72 << 10)
+            # What the snapshot references: the 64 KiB clusters holding its bytes.
+            raw = domains.images / f"old-{dev}.raw"
+            subprocess.run(["qemu-img", "convert", "-U", "-l", "snapshot.name=old", "-O", "raw",
+                            str(domains.images / f"{DOM}-{dev}.qcow2"), str(raw)], check=True)
+            data = raw.read_bytes()
+            raw.unlink()
+            used = [i for i in range(0, len(data), 64 << 10) if data[i:i + (64 << 10)].strip(b"\0")]
+            assert attr.st_blocks == len(used) * (64 << 10) // 512
+            changes = json.loads(await read_file(ops, f"{DOM}/old/disks/{dev}.changes"))
+            assert changes["parent"] == (snap.parent or None)
+            if snap.parent is None:
+                assert [r["start"] for r in changes["ranges"]] == used
+                assert {r["length"] for r in changes["ranges"]} == {64 << 10}
+        old = await read_view(ops, f"{DOM}/old/disks/vda.img", (1 << 20) - 4096, 72 << 10)
         assert old == bytes(4096) + b"\x11" * (64 << 10) + bytes(4096)
-        assert await read_view(ops, f"{DOM}/.disk/oldtag/vdb.raw", 2 << 20, 64 << 10) == \
+        assert await read_view(ops, f"{DOM}/.disk/oldtag/vdb.img", 2 << 20, 64 << 10) == \
             b"\x22" * (64 << 10)
-        end = await read_view(ops, f"{DOM}/old/disks/vdb.raw", (16 << 20) - 10, 4096)
+        end = await read_view(ops, f"{DOM}/old/disks/vdb.img", (16 << 20) - 10, 4096)
         assert end == bytes(10)     # reads end at the disk's end
-        await fails(errno.ENOENT, walk(ops, f"{DOM}/old/disks/vdc.raw"))
-        await fails(errno.ENOENT, walk(ops, f"{DOM}/.disk/oldtag/vdc.raw"))
-        await fails(errno.EROFS, ops.open((await walk(ops, f"{DOM}/old/disks/vda.raw")).st_ino,
+        await fails(errno.ENOENT, walk(ops, f"{DOM}/old/disks/vdc.img"))
+        await fails(errno.ENOENT, walk(ops, f"{DOM}/.disk/oldtag/vdc.img"))
+        await fails(errno.EROFS, ops.open((await walk(ops, f"{DOM}/old/disks/vda.img")).st_ino,
                                           os.O_RDWR, None))
         await fails(errno.EROFS, mkdir(ops, f"{DOM}/old/disks", "x"))
 
         # An open view holds its snapshot, in the tree and for the engine.
         monkeypatch.setattr(model, "RELEASE_GRACE", 0.1)
-        for parent, name, path in ((DOM, "old", f"{DOM}/old/disks/vdb.raw"),
-                                   (f"{DOM}/.disk", "oldtag", f"{DOM}/.disk/oldtag/vda.raw")):
+        for parent, name, path in ((DOM, "old", f"{DOM}/old/disks/vdb.img"),
+                                   (f"{DOM}/.disk", "oldtag", f"{DOM}/.disk/oldtag/vda.img")):
             info = await ops.open((await walk(ops, path)).st_ino, os.O_RDONLY, None)
             try:
                 await fails(errno.EBUSY, rmdir(ops, parent, name))
@@ -397,7 +412,7 @@ async def test_an_apply_that_would_replace_a_viewed_undo_is_ebusy(
             finally:
                 await ops.release(fh)
         await apply()
-        undo = await ops.open((await walk(ops, f"{DOM}/.undo/disks/vda.raw")).st_ino,
+        undo = await ops.open((await walk(ops, f"{DOM}/.undo/disks/vda.img")).st_ino,
                               os.O_RDONLY, None)
         try:
             before = await ops.read(undo.fh, 0, 4096)

@@ -294,7 +294,7 @@ def test_backup_tools_copy_a_snapshot_byte_identical(tree: Tree, tmp_path: Path)
     try:
         original = file_digests(snap)
         assert set(original) == {"snapshotdata.xl", "info.json", "config.toml", "save", "apply",
-                                 "disks/vda.raw"}
+                                 "disks/vda.img", "disks/vda.changes"}
         assert original["apply"] == hashlib.sha256(b"").hexdigest()
 
         sh(f"cp -a {snap} {tmp_path}/cp")
@@ -320,7 +320,9 @@ def test_backup_tools_copy_a_snapshot_byte_identical(tree: Tree, tmp_path: Path)
         assert file_digests(tmp_path / f"restic-out/{snap}") == original
 
         found = sh(f"find {tree.mnt}").splitlines()
-        assert f"{snap}/save" in found and f"{tree.mnt}/web/.disk/backup/info" in found
+        assert f"{snap}/save" in found and f"{snap}/disks/vda.img" in found
+        # Its disks show once: a VM snapshot is not in .disk.
+        assert f"{tree.mnt}/web/.disk/backup" not in found
         sizes = sum(os.stat(snap / name).st_size for name in original)
         assert int(sh(f"du -sb {snap}").split()[0]) == sizes
         assert int(sh(f"du -sk {snap}").split()[0]) >= os.stat(snap / "save").st_blocks // 2
@@ -458,8 +460,8 @@ print(json.dumps({{
     "status": open(os.path.dirname(s) + "/.status").read().split("\\n")[0],
     "stat save": os.stat(s + "/save").st_size > 0,
     "read save": try_(lambda: open(s + "/save", "rb").close()),
-    "stat view": os.stat(s + "/disks/vda.raw").st_size,
-    "read view": try_(lambda: open(s + "/disks/vda.raw", "rb").close()),
+    "stat view": os.stat(s + "/disks/vda.img").st_size,
+    "read view": try_(lambda: open(s + "/disks/vda.img", "rb").close()),
     "write apply": try_(lambda: open(s + "/apply", "w").close()),
     "mkdir": try_(lambda: os.mkdir(os.path.dirname(s) + "/mine")),
     "rmdir": try_(lambda: os.rmdir(s)),
@@ -565,12 +567,12 @@ def test_a_snapshot_the_cli_deletes_goes_though_it_was_kept(tree: Tree) -> None:
     env.snapfs("vm-snapshot-create", "-n", "kept", "off")
     time.sleep(SETTLED)
     for _ in range(2):      # the second time from what the catalog kept
-        assert len(_stat_everything(off / "kept")) == 8     # itself, 5 entries, 2 views
+        assert len(_stat_everything(off / "kept")) == 10    # itself, 5 entries, 2 views, 2 changes
         assert (off / "kept/info.json").stat().st_size > 0
     env.snapfs("vm-snapshot-delete", "-n", "kept", "off")
     _within(VISIBLE_WITHIN, lambda: "kept" not in os.listdir(off)
             and not (off / "kept").exists() and not (off / "kept/info.json").exists()
-            and not (off / "kept/disks/vda.raw").exists())
+            and not (off / "kept/disks/vda.img").exists())
 
 
 def test_a_name_taken_again_shows_the_new_snapshot(tree: Tree) -> None:

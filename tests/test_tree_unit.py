@@ -86,6 +86,8 @@ class FakeDomain:
     saves: dict[str, bytes] = field(default_factory=dict)
     configs: dict[str, bytes] = field(default_factory=dict)
     contents: dict[tuple[str, str], bytes] = field(default_factory=dict)  # (tag, dev) -> bytes
+    usage: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)  # size, blocks
+    changes: dict[tuple[str, str], list[tuple[int, int]]] = field(default_factory=dict)
 
 
 class FakeQueries:
@@ -236,6 +238,18 @@ class FakeQueries:
         if not any(s.dev == dev for s in dom.tags.get(tag, [])):
             raise NotFound(f"no disk {dev!r} in snapshot {tag!r} of {domain!r}")
         return FakeReader(self, dom.contents[(tag, dev)], dom.disks[dev][0])
+
+    async def disk_usage(self, domain: str, tag: str, dev: str) -> tuple[int, int] | None:
+        await trio.lowlevel.checkpoint()
+        return self._check("disk_usage", domain).usage.get((tag, dev))
+
+    async def disk_changes(self, domain: str, tag: str, dev: str, parent: str | None
+                           ) -> tuple[str | None, list[tuple[int, int]]]:
+        await trio.lowlevel.checkpoint()
+        dom = self._check("disk_changes", domain)
+        if (tag, dev) not in dom.changes:
+            raise NotSupported(f"{dev} of {domain!r} is served by qemu-nbd")
+        return (parent if parent in dom.tags else None), dom.changes[(tag, dev)]
 
     # -- verbs ----------------------------------------------------------------------
 
@@ -500,12 +514,16 @@ async def test_current_is_a_symlink_to_the_snapshot(ops: Operations, fake: FakeQ
     await fails(errno.EINVAL, ops.readlink((await walk(ops, DOM)).st_ino, None))
 
 
-async def test_dot_disk_lists_every_tag_a_file_can_be_named_after(
+async def test_dot_disk_lists_the_disk_only_snapshots(
         ops: Operations, fake: FakeQueries, monkeypatch: pytest.MonkeyPatch) -> None:
     tags = await listdir(ops, f"{DOM}/.disk", monkeypatch)
-    assert list(tags) == ["s1", "s2", "t1", "undo-1"]
+    # s1, s2 and undo-1 belong to VM snapshots: their disks show in their own disks/.
+    assert list(tags) == ["t1"]
+    for owned in ("s1", "s2", "undo-1"):
+        await fails(errno.ENOENT, walk(ops, f"{DOM}/.disk/{owned}"))
+        await fails(errno.ENOENT, walk(ops, f"{DOM}/.disk/{owned}/vda.img"))
     disk = await walk(ops, f"{DOM}/.disk")
-    assert perm(disk) == 0o755 and disk.st_nlink == 2 + 4
+    assert perm(disk) == 0o755 and disk.st_nlink == 2 + 1
     newest = max(s.date_sec for tag in tags for s in fake.domains[DOM].tags[tag])
     assert disk.st_mtime_ns == newest * SEC
     t1 = tags["t1"]
@@ -513,7 +531,7 @@ async def test_dot_disk_lists_every_tag_a_file_can_be_named_after(
     vda = fake.domains[DOM].tags["t1"][0]
     assert t1.st_mtime_ns == vda.date_sec * SEC + vda.date_nsec
     assert list(await listdir(ops, f"{DOM}/.disk/t1", monkeypatch)) == [
-        "info", "vda.raw", "vdb.raw"]
+        "info", "vda.img", "vdb.img"]
     assert await listdir(ops, "db/.disk", monkeypatch) == {}
 
 
@@ -529,26 +547,43 @@ async def test_a_disk_snapshot_info_has_a_line_per_disk(ops: Operations) -> None
     assert all(line.endswith("0000:01:01.002") for line in lines[1:])
 
 
+async def test_a_view_takes_what_its_snapshot_references_and_lists_its_changes(
+        ops: Operations, fake: FakeQueries, monkeypatch: pytest.MonkeyPatch) -> None:
+    web = fake.domains[DOM]
+    web.usage[("s1", "vda")] = (12 * MIB, 2048)     # the disk was smaller then
+    web.changes[("s2", "vda")] = [(0, 65536), (MIB, 4096)]
+    attr = await walk(ops, f"{DOM}/s1/disks/vda.img")
+    assert attr.st_size == 12 * MIB and attr.st_blocks == 2048
+    assert list(await listdir(ops, f"{DOM}/s2/disks", monkeypatch)) == [
+        "vda.img", "vda.changes", "vdb.img"]    # vdb: only qemu-nbd reads it, no changes
+    text = await read_file(ops, f"{DOM}/s2/disks/vda.changes")
+    assert (await walk(ops, f"{DOM}/s2/disks/vda.changes")).st_size == len(text)
+    assert json.loads(text) == {"parent": "s1", "ranges": [{"start": 0, "length": 65536},
+                                                           {"start": MIB, "length": 4096}]}
+    await fails(errno.ENOENT, walk(ops, f"{DOM}/s2/disks/vdb.changes"))
+    await fails(errno.ENOENT, walk(ops, f"{DOM}/.disk/t1/vda.changes"))
+
+
 async def test_disk_views_are_the_disks_at_their_snapshot(
         ops: Operations, fake: FakeQueries, monkeypatch: pytest.MonkeyPatch) -> None:
     web = fake.domains[DOM]
-    for path, mtime in ((f"{DOM}/.disk/t1/vda.raw", web.tags["t1"][0].date_sec * SEC + 5000),
-                        (f"{DOM}/s1/disks/vda.raw", web.snapshots["s1"].creation_time * SEC)):
+    for path, mtime in ((f"{DOM}/.disk/t1/vda.img", web.tags["t1"][0].date_sec * SEC + 5000),
+                        (f"{DOM}/s1/disks/vda.img", web.snapshots["s1"].creation_time * SEC)):
         attr = await walk(ops, path)
         assert stat.S_ISREG(attr.st_mode) and perm(attr) == 0o400
         assert attr.st_size == 16 * MIB and attr.st_mtime_ns == mtime
         assert attr.st_blocks == 3 * MIB // 512     # what the image takes
-    assert (await walk(ops, f"{DOM}/s1/disks/vdb.raw")).st_blocks == 8 * MIB // 512
-    assert list(await listdir(ops, f"{DOM}/s1/disks", monkeypatch)) == ["vda.raw", "vdb.raw"]
+    assert (await walk(ops, f"{DOM}/s1/disks/vdb.img")).st_blocks == 8 * MIB // 512
+    assert list(await listdir(ops, f"{DOM}/s1/disks", monkeypatch)) == ["vda.img", "vdb.img"]
     disks = await walk(ops, f"{DOM}/s1/disks")
     assert perm(disks) == 0o555 and disks.st_nlink == 2
 
-    assert await read_at(ops, f"{DOM}/.disk/t1/vdb.raw", 0, 22) == b"disks at t1 on vdb\0\0\0\0"
-    assert await read_at(ops, f"{DOM}/s1/disks/vda.raw", 3, 9) == b"on vda\0\0\0"
-    assert await read_at(ops, f"{DOM}/.undo/disks/vda.raw", 0, 9) == b".undo on "
-    assert await read_at(ops, f"{DOM}/s1/disks/vdb.raw", 8 * MIB - 2, 10) == bytes(2)
+    assert await read_at(ops, f"{DOM}/.disk/t1/vdb.img", 0, 22) == b"disks at t1 on vdb\0\0\0\0"
+    assert await read_at(ops, f"{DOM}/s1/disks/vda.img", 3, 9) == b"on vda\0\0\0"
+    assert await read_at(ops, f"{DOM}/.undo/disks/vda.img", 0, 9) == b".undo on "
+    assert await read_at(ops, f"{DOM}/s1/disks/vdb.img", 8 * MIB - 2, 10) == bytes(2)
 
-    opened = await ops.open((await walk(ops, f"{DOM}/s1/disks/vda.raw")).st_ino, os.O_RDONLY)
+    opened = await ops.open((await walk(ops, f"{DOM}/s1/disks/vda.img")).st_ino, os.O_RDONLY)
     assert not opened.direct_io
     await ops.release(opened.fh)
 
@@ -623,7 +658,7 @@ async def test_undo_is_a_snapshot_directory_that_cannot_be_removed(
     assert (await read_file(ops, f"{DOM}/.undo/snapshotdata.xl")).startswith(
         b'snapshot_name=".undo"')
     assert await read_file(ops, f"{DOM}/.undo/save") == b"memory before apply"
-    assert list(await listdir(ops, f"{DOM}/.undo/disks", monkeypatch)) == ["vda.raw", "vdb.raw"]
+    assert list(await listdir(ops, f"{DOM}/.undo/disks", monkeypatch)) == ["vda.img", "vdb.img"]
     await fails(errno.EROFS, rmdir(ops, DOM, ".undo"))
     assert "read-only" not in (await status(ops))["last_error"], "refusals are not news"
     # .undo is a snapshot like the others: applying it swaps back.
@@ -633,13 +668,13 @@ async def test_undo_is_a_snapshot_directory_that_cannot_be_removed(
 
 async def test_what_fits_no_path_of_the_tree_is_enoent(ops: Operations) -> None:
     for path in ("", f"{DOM}/.undo", f"{DOM}/.undo/save", f"{DOM}/.disk/t1/info",
-                 f"{DOM}/s1/disks", f"{DOM}/s1/disks/vda.raw", f"{DOM}/.undo/disks/vda.raw",
-                 f"{DOM}/.disk/t1/vda.raw"):
+                 f"{DOM}/s1/disks", f"{DOM}/s1/disks/vda.img", f"{DOM}/.undo/disks/vda.img",
+                 f"{DOM}/.disk/t1/vda.img"):
         await walk(ops, path)
     for path in (f"{DOM}/.other", f"{DOM}/.disk/t1/save", f"{DOM}/s1/save/x",
-                 f"{DOM}/.status/x", f"{DOM}/s1/disks/.raw", f"{DOM}/s1/disks/vda",
-                 f"{DOM}/s1/disks/vda.raw/x", f"{DOM}/s1/vda.raw", f"{DOM}/.disk/t1/vdc.raw",
-                 f"{DOM}/s1/disks/vdc.raw", f"{DOM}/.disk/a", f"{DOM}/s1/info.json/x",
+                 f"{DOM}/.status/x", f"{DOM}/s1/disks/.img", f"{DOM}/s1/disks/vda",
+                 f"{DOM}/s1/disks/vda.img/x", f"{DOM}/s1/vda.img", f"{DOM}/.disk/t1/vdc.img",
+                 f"{DOM}/s1/disks/vdc.img", f"{DOM}/.disk/a", f"{DOM}/s1/info.json/x",
                  "nosuchdomain", f"{DOM}/nosuchsnapshot", f"{DOM}/.nothing", "db/s1"):
         await fails(errno.ENOENT, walk(ops, path))
     await fails(errno.ENOENT, ops.lookup(ROOT, b"\xff\xfe", None))
@@ -657,8 +692,8 @@ def test_the_docstring_shows_the_table_of_kinds() -> None:
 
 async def test_an_unchanged_file_keeps_the_kernels_pages(
         ops: Operations, fake: FakeQueries) -> None:
-    for path in (f"{DOM}/s1/info.json", f"{DOM}/s1/save", f"{DOM}/s1/disks/vda.raw",
-                 f"{DOM}/.disk/t1/info", f"{DOM}/.disk/t1/vdb.raw"):
+    for path in (f"{DOM}/s1/info.json", f"{DOM}/s1/save", f"{DOM}/s1/disks/vda.img",
+                 f"{DOM}/.disk/t1/info", f"{DOM}/.disk/t1/vdb.img"):
         ino = (await walk(ops, path)).st_ino
         opens = [await ops.open(ino, os.O_RDONLY, None) for _ in range(2)]
         assert [o.keep_cache for o in opens] == [False, True], path
@@ -670,12 +705,12 @@ async def test_an_unchanged_file_keeps_the_kernels_pages(
 async def test_a_name_taken_again_is_read_afresh(ops: Operations, fake: FakeQueries) -> None:
     await mkdir(ops, f"{DOM}/.disk", "again")
     for _ in range(2):
-        opened = await ops.open((await walk(ops, f"{DOM}/.disk/again/vda.raw")).st_ino,
+        opened = await ops.open((await walk(ops, f"{DOM}/.disk/again/vda.img")).st_ino,
                                 os.O_RDONLY, None)
         await ops.release(opened.fh)
     await rmdir(ops, f"{DOM}/.disk", "again")
     await mkdir(ops, f"{DOM}/.disk", "again")
-    for path in (f"{DOM}/.disk/again/vda.raw", f"{DOM}/.disk/again/info"):
+    for path in (f"{DOM}/.disk/again/vda.img", f"{DOM}/.disk/again/info"):
         opened = await ops.open((await walk(ops, path)).st_ino, os.O_RDONLY, None)
         assert not opened.keep_cache, path
         await ops.release(opened.fh)
@@ -683,7 +718,7 @@ async def test_a_name_taken_again_is_read_afresh(ops: Operations, fake: FakeQuer
 
 async def test_a_view_opens_the_snapshot_as_it_is_now(
         ops: Operations, fake: FakeQueries) -> None:
-    ino = (await walk(ops, f"{DOM}/.disk/t1/vda.raw")).st_ino
+    ino = (await walk(ops, f"{DOM}/.disk/t1/vda.img")).st_ino
     opened = await ops.open(ino, os.O_RDONLY, None)
     await ops.release(opened.fh)
     # Another process deletes t1 and takes a new t1, behind the engine's cache.
@@ -720,7 +755,7 @@ async def test_mkdir_and_rmdir_make_and_delete_snapshots(
     assert stat.S_ISDIR(entry.st_mode) and perm(entry) == 0o555
     assert entry.st_mtime_ns == fake.domains[DOM].snapshots["new"].creation_time * SEC
     assert "new" in await listdir(ops, DOM, monkeypatch)
-    assert "new" in await listdir(ops, f"{DOM}/.disk", monkeypatch)
+    assert "new" not in await listdir(ops, f"{DOM}/.disk", monkeypatch)    # a VM snapshot's
     assert os.fsdecode(await ops.readlink((await walk(ops, f"{DOM}/.current")).st_ino)) == "new"
     await rmdir(ops, DOM, "new")
     await fails(errno.ENOENT, walk(ops, f"{DOM}/new"))
@@ -729,7 +764,7 @@ async def test_mkdir_and_rmdir_make_and_delete_snapshots(
     tag = await mkdir(ops, f"{DOM}/.disk", "t2")
     assert stat.S_ISDIR(tag.st_mode) and tag.st_nlink == 2
     assert list(await listdir(ops, f"{DOM}/.disk/t2", monkeypatch)) == [
-        "info", "vda.raw", "vdb.raw"]
+        "info", "vda.img", "vdb.img"]
     await rmdir(ops, f"{DOM}/.disk", "t2")
     await fails(errno.ENOENT, walk(ops, f"{DOM}/.disk/t2"))
     # A name of 64 bytes is fine.
@@ -796,15 +831,15 @@ async def test_failed_rmdir_and_apply_answer_the_engines_errno(
     fake.fail_next("vm_snapshot_apply", NoSpace("no room for .undo"))
     await fails(errno.ENOSPC, write_apply(ops, "s1", b"running"))
     assert (await status(ops))["last_error"] == "no room for .undo"
-    # A VM snapshot's disk snapshot goes with the VM snapshot only.
-    await fails(errno.EBUSY, rmdir(ops, f"{DOM}/.disk", "s1"))
+    # A VM snapshot's disk snapshot is not in .disk: it goes with the VM snapshot only.
+    await fails(errno.ENOENT, rmdir(ops, f"{DOM}/.disk", "s1"))
     await fails(errno.ENOENT, rmdir(ops, DOM, "nosuch"))
     await fails(errno.ENOENT, rmdir(ops, f"{DOM}/.disk", "nosuch"))
 
 
 async def test_a_view_that_cannot_be_served_is_an_error_not_a_crash(
         ops: Operations, fake: FakeQueries) -> None:
-    ino = (await walk(ops, f"{DOM}/s1/disks/vda.raw")).st_ino
+    ino = (await walk(ops, f"{DOM}/s1/disks/vda.img")).st_ino
     fake.fail_next("open_disk_view", QemuError("qemu-nbd: cannot open"))
     await fails(errno.EIO, ops.open(ino, os.O_RDONLY, None))
     fake.serving_views = False
@@ -815,7 +850,7 @@ async def test_every_other_change_is_erofs(ops: Operations, fake: FakeQueries) -
     dom = (await walk(ops, DOM)).st_ino
     snap = (await walk(ops, f"{DOM}/s1")).st_ino
     info = (await walk(ops, f"{DOM}/s1/info.json")).st_ino
-    view = (await walk(ops, f"{DOM}/s1/disks/vda.raw")).st_ino
+    view = (await walk(ops, f"{DOM}/s1/disks/vda.img")).st_ino
     fields = SimpleNamespace(update_mode=True, update_uid=False, update_gid=False,
                              update_size=False, update_atime=False, update_mtime=False)
     attr = SimpleNamespace(st_mode=0o777, st_size=0)
@@ -852,8 +887,8 @@ async def test_rmdir_waits_for_open_files_then_is_ebusy(
         ops: Operations, fake: FakeQueries, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(model, "RELEASE_GRACE", 0.1)
     for parent, name, path in ((DOM, "s1", f"{DOM}/s1/info.json"),
-                               (DOM, "s1", f"{DOM}/s1/disks/vdb.raw"),
-                               (f"{DOM}/.disk", "t1", f"{DOM}/.disk/t1/vda.raw")):
+                               (DOM, "s1", f"{DOM}/s1/disks/vdb.img"),
+                               (f"{DOM}/.disk", "t1", f"{DOM}/.disk/t1/vda.img")):
         opened = await ops.open((await walk(ops, path)).st_ino, os.O_RDONLY, None)
         try:
             await fails(errno.EBUSY, rmdir(ops, parent, name))
@@ -881,7 +916,7 @@ def test_modes_leave_permission_to_the_kernel() -> None:
 
 async def test_secrets_are_root_only_and_apply_write_only(ops: Operations) -> None:
     for path, mode in ((f"{DOM}/s1/save", 0o400), (f"{DOM}/s1/apply", 0o200),
-                       (f"{DOM}/s1/disks/vda.raw", 0o400), (f"{DOM}/.disk/t1/vda.raw", 0o400),
+                       (f"{DOM}/s1/disks/vda.img", 0o400), (f"{DOM}/.disk/t1/vda.img", 0o400),
                        (f"{DOM}/.undo/save", 0o400), (f"{DOM}/s1/info.json", 0o444)):
         assert perm(await walk(ops, path)) == mode, path
 

@@ -1,5 +1,5 @@
-"""Disk views through a real mount (issue 4): ``<snapshot>/disks/<dev>.raw`` and
-``.disk/<tag>/<dev>.raw`` show a disk as it was at the snapshot, read while the
+"""Disk views through a real mount (issue 4): ``<snapshot>/disks/<dev>.img`` and
+``.disk/<tag>/<dev>.img`` (disk-only snapshots) show a disk as it was at the snapshot, read while the
 domain runs and its disk keeps changing.
 
 The module shares one mount and its guests (a boot costs seconds):
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import random
 import signal
@@ -30,8 +31,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 
+import pyfuse3
 import pytest
-from conftest import Env, pid_alive
+from conftest import Env
 from qmpsync import QMP, qemu_io
 from test_tree_mount import (
     Background,
@@ -43,6 +45,8 @@ from test_tree_mount import (
     sh,
     start_guests,
 )
+
+from snapfs.diskview import exported
 
 pytest.importorskip("nbd", reason="python3-libnbd is needed for disk views")
 
@@ -202,19 +206,18 @@ def test_a_view_is_its_snapshot_while_the_guest_writes_on(vt: Tree, tmp_path: Pa
     env, img = vt.env, image(vt.env, "vw", "vdb")
     sh(f"mkdir {vt.mnt}/vw/busy")
     try:
-        view = vt / "vw/busy/disks/vdb.raw"
+        view = vt / "vw/busy/disks/vdb.img"
         st = os.stat(view)
         assert st.st_size == VDB_SIZE and st.st_mode & 0o777 == 0o400
         assert 0 < st.st_blocks <= VDB_SIZE // 512
         assert st.st_mtime == os.stat(vt / "vw/busy").st_mtime
         with DiskWriter(env, "vw", "vdb", VDB_SIZE, seed=1) as writer:
             before = writer.count
-            # Several readers at once, in the block sizes tools use, and the same
-            # disk snapshot through .disk/<tag>.
+            # Several readers at once, in the block sizes tools use.
             readers = [Background(lambda: sha256(view)),
                        Background(lambda: sha256(view, block=4096)),
                        Background(lambda: sh(f"sha256sum < {view}").split()[0]),
-                       Background(lambda: sha256(vt / "vw/.disk/busy/vdb.raw"))]
+                       Background(lambda: sha256(view, block=4 * MiB))]
             expected = converted_sha(img, "busy", tmp_path)
             digests = [r.join() for r in readers]
             during = writer.count - before
@@ -226,6 +229,30 @@ def test_a_view_is_its_snapshot_while_the_guest_writes_on(vt: Tree, tmp_path: Pa
         sh(f"rmdir {vt.mnt}/vw/busy")
 
 
+def test_changes_are_where_two_snapshots_of_a_running_disk_differ(
+        vt: Tree, tmp_path: Path) -> None:
+    env, img = vt.env, image(vt.env, "vw", "vdb")
+    sh(f"mkdir {vt.mnt}/vw/ch1")
+    try:
+        with DiskWriter(env, "vw", "vdb", VDB_SIZE, seed=7) as writer:
+            while writer.count < 40:
+                time.sleep(0.05)
+        sh(f"mkdir {vt.mnt}/vw/ch2")
+        changes = json.loads((vt / "vw/ch2/disks/vdb.changes").read_text())
+        assert changes["parent"] == "ch1"
+        old = converted(img, "ch1", tmp_path / "ch1.raw").read_bytes()
+        new = converted(img, "ch2", tmp_path / "ch2.raw").read_bytes()
+        differ = [i for i in range(0, len(new), CHUNK) if old[i:i + CHUNK] != new[i:i + CHUNK]]
+        listed = [start for r in changes["ranges"]
+                  for start in range(r["start"], r["start"] + r["length"], CHUNK)]
+        assert listed == differ and len(differ) >= 10
+        assert sha256(vt / "vw/ch2/disks/vdb.img") == hashlib.sha256(new).hexdigest()
+    finally:
+        for name in ("ch2", "ch1"):
+            if (vt / "vw" / name).exists():
+                sh(f"rmdir {vt.mnt}/vw/{name}")
+
+
 def test_a_snapshot_taken_before_the_disk_was_overwritten_reads_the_old_bytes(
         vt: Tree, tmp_path: Path) -> None:
     """The issue's "done when": dw's vda held 0x5a at 4 MiB when it was snapshotted."""
@@ -235,7 +262,7 @@ def test_a_snapshot_taken_before_the_disk_was_overwritten_reads_the_old_bytes(
         with QMP(env.qmp_path("dw")) as qmp:
             qemu_io(qmp, "vda/virtio-backend", "write -P 0xa5 4M 1M", qdev=True)
             qemu_io(qmp, "vda/virtio-backend", "flush", qdev=True)
-        with open(vt / "dw/before/disks/vda.raw", "rb") as f:
+        with open(vt / "dw/before/disks/vda.img", "rb") as f:
             f.seek(4 * MiB)
             assert f.read(MiB) == b"\x5a" * MiB
         with open(converted(img, None, tmp_path / "live.raw"), "rb") as f:
@@ -245,7 +272,7 @@ def test_a_snapshot_taken_before_the_disk_was_overwritten_reads_the_old_bytes(
         counter = env.counter("dw")
         time.sleep(0.2)
         assert env.counter("dw") > counter
-        assert sha256(vt / "dw/before/disks/vda.raw") == converted_sha(img, "before", tmp_path)
+        assert sha256(vt / "dw/before/disks/vda.img") == converted_sha(img, "before", tmp_path)
     finally:
         sh(f"rmdir {vt.mnt}/dw/before")
 
@@ -260,15 +287,64 @@ def test_a_shut_off_snapshot_has_disk_views(vt: Tree, tmp_path: Path) -> None:
         snap = vt / "sf/cold"
         assert sorted(os.listdir(snap)) == ["apply", "config.toml", "disks", "info.json",
                                             "snapshotdata.xl"]
-        assert sorted(os.listdir(snap / "disks")) == ["vda.raw", "vdb.raw"]
-        assert sorted(os.listdir(vt / "sf/.disk/cold")) == ["info", "vda.raw", "vdb.raw"]
+        assert sorted(os.listdir(snap / "disks")) == ["vda.changes", "vda.img", "vdb.changes", "vdb.img"]
+        # A VM snapshot's disks show under its own disks/ only.
+        assert "cold" not in os.listdir(vt / "sf/.disk")
+        assert not (vt / "sf/.disk/cold").exists()
         for dev, img in (("vda", vda), ("vdb", vdb)):
-            assert sha256(snap / f"disks/{dev}.raw") == converted_sha(img, "cold", tmp_path)
-        with open(snap / "disks/vdb.raw", "rb") as f:
+            assert sha256(snap / f"disks/{dev}.img") == converted_sha(img, "cold", tmp_path)
+        with open(snap / "disks/vdb.img", "rb") as f:
             f.seek(MiB)
             assert f.read(MiB) == b"\x61" * MiB
     finally:
         sh(f"rmdir {vt.mnt}/sf/cold")
+
+
+def data_extents(path: Path) -> list[tuple[int, int]]:
+    """(start, end) of each stretch of data, by SEEK_DATA and SEEK_HOLE."""
+    extents = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        end, pos = os.fstat(fd).st_size, 0
+        while pos < end:
+            try:
+                pos = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as err:
+                assert err.errno == errno.ENXIO
+                break
+            hole = os.lseek(fd, pos, os.SEEK_HOLE)
+            extents.append((pos, hole))
+            pos = hole
+    finally:
+        os.close(fd)
+    return extents
+
+
+@pytest.mark.skipif(not hasattr(pyfuse3.Operations, "lseek"),
+                    reason="pyfuse3 without contrib/pyfuse3-lseek.patch (scripts/setup)")
+def test_a_view_has_the_holes_of_its_snapshot(vt: Tree, tmp_path: Path) -> None:
+    img = image(vt.env, "sf", "vdb")
+    sh(f"qemu-io -f qcow2 -c 'write -P 0x71 5M 192k' -c 'write -P 0x72 9M 4k' {img}")
+    sh(f"mkdir {vt.mnt}/sf/holes")
+    try:
+        view = vt / "sf/holes/disks/vdb.img"
+        data = converted(img, "holes", tmp_path / "holes.raw").read_bytes()
+        extents = data_extents(view)
+        # Every byte outside the extents is zero, and each 64 KiB cluster inside holds data.
+        covered = bytearray(len(data))
+        for start, end in extents:
+            assert start % CHUNK == 0 and (end % CHUNK == 0 or end == len(data))
+            covered[start:end] = data[start:end]
+            assert all(data[i:i + CHUNK].strip(b"\0") for i in range(start, end, CHUNK))
+        assert bytes(covered) == data
+        assert (5 * MiB, 5 * MiB + 192 * 1024) in extents
+        # cp and tar skip the holes and copy the bytes.
+        sh(f"cp --sparse=always {view} {tmp_path}/copy.img")
+        assert (tmp_path / "copy.img").read_bytes() == data
+        taken = sum(end - start for start, end in extents)
+        assert os.stat(tmp_path / "copy.img").st_blocks * 512 <= taken + CHUNK
+    finally:
+        sh(f"rmdir {vt.mnt}/sf/holes")
 
 
 # -- safety ------------------------------------------------------------------------------
@@ -279,7 +355,7 @@ def test_deleting_a_snapshot_open_as_a_view_is_ebusy(vt: Tree) -> None:
     sh(f"mkdir {vt.mnt}/vw/held")
     sh(f"mkdir {vt.mnt}/vw/.disk/heldtag")
     try:
-        with open(vt / "vw/held/disks/vda.raw", "rb") as f:
+        with open(vt / "vw/held/disks/vda.img", "rb") as f:
             f.read(MiB)
             assert errno_of(os.rmdir, vt / "vw/held") == errno.EBUSY
             assert "open" in vt.status("vw")["last_error"]
@@ -287,7 +363,7 @@ def test_deleting_a_snapshot_open_as_a_view_is_ebusy(vt: Tree) -> None:
             assert "open as a disk view" in said, said
             assert (vt / "vw/held/disks").is_dir()
             f.read(MiB)             # still served
-        with open(vt / "vw/.disk/heldtag/vdb.raw", "rb") as f:
+        with open(vt / "vw/.disk/heldtag/vdb.img", "rb") as f:
             f.read(MiB)
             assert errno_of(os.rmdir, vt / "vw/.disk/heldtag") == errno.EBUSY
             said = env.fails("disk-snapshot-delete", "-n", "heldtag", "vw")
@@ -311,7 +387,7 @@ def test_applying_a_snapshot_open_as_a_view_keeps_serving_its_bytes(
             pass                    # the disk moves on from the snapshot
         expected = converted_sha(img, "ap", tmp_path)
         digest = hashlib.sha256()
-        with open(vt / "vw/ap/disks/vdb.raw", "rb") as f:
+        with open(vt / "vw/ap/disks/vdb.img", "rb") as f:
             digest.update(f.read(VDB_SIZE // 2))
             sh(f"echo running > {vt.mnt}/vw/ap/apply")
             assert env.run_state("vw") == "running"
@@ -320,7 +396,7 @@ def test_applying_a_snapshot_open_as_a_view_keeps_serving_its_bytes(
         assert digest.hexdigest() == expected
         # What the apply replaced is a snapshot with views too.
         undo = vt.store("vw").read(".undo")
-        assert sha256(vt / "vw/.undo/disks/vdb.raw") == converted_sha(img, undo.disk_tag,
+        assert sha256(vt / "vw/.undo/disks/vdb.img") == converted_sha(img, undo.disk_tag,
                                                                       tmp_path)
     finally:
         sh(f"rmdir {vt.mnt}/vw/ap")
@@ -336,10 +412,10 @@ def test_backup_tools_copy_a_snapshot_with_its_disks_byte_identical(
     sh(f"mkdir {snap}")
     try:
         original = file_digests(snap)
-        assert {"disks/vda.raw", "disks/vdb.raw", "save"} <= set(original)
-        assert original["disks/vdb.raw"] == converted_sha(image(env, "vw", "vdb"), "bk",
+        assert {"disks/vda.img", "disks/vdb.img", "save"} <= set(original)
+        assert original["disks/vdb.img"] == converted_sha(image(env, "vw", "vdb"), "bk",
                                                           tmp_path)
-        assert original["disks/vda.raw"] == converted_sha(image(env, "vw", "vda"), "bk",
+        assert original["disks/vda.img"] == converted_sha(image(env, "vw", "vda"), "bk",
                                                           tmp_path)
         repo = {"RESTIC_REPOSITORY": str(tmp_path / "restic"), "RESTIC_PASSWORD": "x",
                 "RESTIC_CACHE_DIR": str(tmp_path / "cache")}
@@ -357,8 +433,8 @@ def test_backup_tools_copy_a_snapshot_with_its_disks_byte_identical(
         assert again.strip() == "", again        # -c compared every byte: nothing to do
         assert file_digests(tmp_path / f"restic-out/{snap}") == original
         for copy in (tmp_path / "tar/bk", tmp_path / "rsync"):
-            assert os.stat(copy / "disks/vdb.raw").st_mode & 0o777 == 0o400
-            assert os.stat(copy / "disks/vdb.raw").st_mtime == os.stat(snap / "save").st_mtime
+            assert os.stat(copy / "disks/vdb.img").st_mode & 0o777 == 0o400
+            assert os.stat(copy / "disks/vdb.img").st_mtime == os.stat(snap / "save").st_mtime
     finally:
         sh(f"rmdir {snap}")
 
@@ -366,26 +442,24 @@ def test_backup_tools_copy_a_snapshot_with_its_disks_byte_identical(
 # -- nothing left behind -------------------------------------------------------------------
 
 
-def test_no_server_outlives_a_killed_mount(vt: Tree) -> None:
-    env = vt.env
+def test_nothing_outlives_a_killed_mount(vt: Tree) -> None:
+    """A view read in-process leaves only its record, which no longer holds the snapshot
+    once its owner is dead; the next tree removes it."""
+    env, img = vt.env, image(vt.env, "vw", "vdb")
     sh(f"mkdir {vt.mnt}/vw/crash")
     try:
         with mounted(env, name="killed") as doomed:
             pid = doomed.proc.pid
-            f = open(doomed / "vw/crash/disks/vdb.raw", "rb")
+            f = open(doomed / "vw/crash/disks/vdb.img", "rb")
             try:
                 f.read(MiB)
                 mine = [name for name in nbd_files(env) if name.startswith(f"{pid}-")]
-                assert any(name.endswith(".sock") for name in mine), nbd_files(env)
-                servers = [int(line.split()[0]) for line in nbd_servers(env)
-                           if f"/{pid}-" in line]
-                assert servers
+                assert mine and all(name.endswith(".json") for name in mine), nbd_files(env)
+                assert not [line for line in nbd_servers(env) if f"/{pid}-" in line]
+                assert exported(env.run, img, "crash")      # a delete is refused meanwhile
                 doomed.proc.send_signal(signal.SIGKILL)
                 doomed.proc.wait(10)
-                # The servers die with their owner, and remove their sockets.
-                within(10, lambda: not any(pid_alive(s) for s in servers), "qemu-nbd alive")
-                assert not [n for n in nbd_files(env) if n.startswith(f"{pid}-")
-                            and n.endswith(".sock")]
+                assert not exported(env.run, img, "crash")
             finally:
                 try:
                     f.close()
@@ -394,7 +468,7 @@ def test_no_server_outlives_a_killed_mount(vt: Tree) -> None:
         # Its records stay until the next tree starts and reaps them.
         with mounted(env, name="reaper") as reaper:
             assert not [n for n in nbd_files(env) if n.startswith(f"{pid}-")]
-            assert "vdb.raw" in os.listdir(reaper / "vw/crash/disks")
+            assert "vdb.img" in os.listdir(reaper / "vw/crash/disks")
         assert_clean_log(reaper.log)
     finally:
         sh(f"rmdir {vt.mnt}/vw/crash")

@@ -29,11 +29,13 @@ from ..config import nbd_dir
 from ..errors import QemuError
 from ..images import run_tool
 from ..procfs import proc_info
+from ..qcow2 import Unsupported
+from .local import Local, LocalView
 from .pool import DEFAULT_HANDLES, nbd
 from .records import STOP_TIMEOUT, DiskViewError, reap_stale
 from .server import Server, classify, image_opts
 
-__all__ = ["DEFAULT_IDLE", "DiskView", "DiskViews"]
+__all__ = ["DEFAULT_IDLE", "DiskView", "DiskViews", "View"]
 
 logger = logging.getLogger(__name__)
 
@@ -135,8 +137,14 @@ class DiskView:
         return f"<DiskView {self.tag!r} of {self.image}: {state}>"
 
 
+View = DiskView | LocalView
+"""An open disk view: read in-process, or through qemu-nbd."""
+
+
 class DiskViews:
-    """The disk views of this process: qemu-nbd servers, refcounted per snapshot.
+    """The disk views of this process, refcounted per snapshot: read in-process
+    from the snapshot's qcow2 tables, or through a qemu-nbd server for an image
+    the in-process reader cannot read (``local=False``: always qemu-nbd).
 
     Use from a Trio task: ``views = DiskViews(run_dir)`` ... ``await
     views.aclose()`` (or ``async with DiskViews(run_dir) as views``).
@@ -152,6 +160,7 @@ class DiskViews:
         readahead: int = DEFAULT_READAHEAD,
         qemu_nbd: str = "qemu-nbd",
         qemu_img: str = "qemu-img",
+        local: bool = True,
     ) -> None:
         if max_handles < 1:
             raise ValueError("max_handles must be at least 1")
@@ -162,19 +171,21 @@ class DiskViews:
         self.readahead = readahead
         self.qemu_nbd = qemu_nbd
         self.qemu_img = qemu_img
+        self.local = local
         info = proc_info(os.getpid())
         self.owner_start = info.start if info else None
         self.nbd_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.nbd_dir, 0o700)
         reap_stale(self.run_dir)
         self._servers: dict[tuple[int, int, str], Server] = {}
+        self._locals: dict[tuple[int, int, str], Local] = {}
         self._closed = False
         self._janitor: trio.CancelScope | None = None
         self._wakeup = trio.Event()
 
     # -- public API ------------------------------------------------------------
 
-    async def open(self, image: Path, tag: str) -> DiskView:
+    async def open(self, image: Path, tag: str) -> View:
         """Open a view of snapshot ``tag`` of qcow2 ``image``.
 
         Raises :class:`DiskViewError` with errno ENOENT when the image or the
@@ -193,6 +204,10 @@ class DiskViews:
         except OSError as e:
             raise DiskViewError(f"cannot stat {path}: {e}", e.errno or _errno.EIO) from e
         key = (st.st_dev, st.st_ino, tag)
+        if self.local:
+            view = await self._open_local(path, st, key)
+            if view is not None:
+                return view
         self._ensure_janitor()
         while True:
             srv = self._servers.get(key)
@@ -242,8 +257,55 @@ class DiskViews:
                             self._park(srv)
                 return DiskView(self, srv)
 
-    async def close(self, view: DiskView) -> None:
+    async def _open_local(self, path: Path, st: os.stat_result,
+                          key: tuple[int, int, str]) -> LocalView | None:
+        """A view read in-process; None when the reader cannot read the image."""
+        while True:
+            local = self._locals.get(key)
+            if local is None:
+                local = Local(path, st, key[2], nbd_dir=self.nbd_dir,
+                              owner_start=self.owner_start)
+                self._locals[key] = local
+            async with local.lock:
+                if local.closed:
+                    continue
+                local.refs += 1
+                if local.layer is not None:
+                    local.try_write_record()
+                    return LocalView(local, self._close_local)
+                try:
+                    await local.start()
+                except Unsupported as err:
+                    logger.info("snapshot %r of %s: %s; served by qemu-nbd", key[2], path, err)
+                    return None
+                finally:
+                    if local.closed and self._locals.get(key) is local:
+                        del self._locals[key]
+                if self._closed:    # aclose() ran meanwhile
+                    local.refs -= 1
+                    await local.stop()
+                    raise DiskViewError("disk views are shut down")
+                return LocalView(local, self._close_local)
+
+    async def _close_local(self, view: LocalView) -> None:
+        local = view.local
+        local.refs -= 1
+        if local.refs > 0:
+            local.try_write_record()
+            return
+        with trio.CancelScope(shield=True):
+            async with local.lock:
+                if local.refs == 0 and not local.closed:
+                    await local.stop()
+                    key = (local.dev, local.ino, local.tag)
+                    if self._locals.get(key) is local:
+                        del self._locals[key]
+
+    async def close(self, view: View) -> None:
         """Release ``view``; the server stops ``idle`` seconds after its last view."""
+        if isinstance(view, LocalView):
+            await view.aclose()
+            return
         if view._closed:
             return
         view._closed = True
@@ -269,6 +331,9 @@ class DiskViews:
             return
         self._closed = True
         with trio.CancelScope(shield=True):
+            for local in list(self._locals.values()):
+                await local.stop()
+            self._locals.clear()
             with trio.move_on_after(STOP_TIMEOUT * 3 + 5) as scope:
                 for srv in list(self._servers.values()):
                     async with srv.lock:
@@ -294,6 +359,9 @@ class DiskViews:
     def is_open(self, image: Path, tag: str) -> bool:
         """True while this process has a view open on that snapshot."""
         path = os.path.abspath(image)
+        if any(v.refs > 0 and v.tag == tag and not v.closed and str(v.image) == path
+               for v in self._locals.values()):
+            return True
         return any(
             s.refs > 0 and s.tag == tag and not s.dead and str(s.image) == path
             for s in self._servers.values()
@@ -410,6 +478,8 @@ class DiskViews:
 
     def _kill_all_now(self) -> None:
         self._closed = True
+        for local in self._locals.values():
+            local.record.unlink(missing_ok=True)
         for srv in list(self._servers.values()):
             try:
                 srv.kill_now()

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import pyfuse3
+import trio
 from pyfuse3 import FUSEError
 
 from ..config import MAX_NAME_BYTES
@@ -130,9 +131,10 @@ class Operations(pyfuse3.Operations):
     # A write to apply must reach us at once and return when the apply is done.
     enable_writeback_cache = False
 
-    def __init__(self, tree: Tree) -> None:
+    def __init__(self, tree: Tree, on_init: Callable[[], None] | None = None) -> None:
         super().__init__()
         self.tree = tree
+        self.on_init = on_init
         self.inodes = Inodes()
         self._files: dict[int, OpenFile] = {}
         self._dirs: dict[int, list[Node]] = {}
@@ -164,6 +166,12 @@ class Operations(pyfuse3.Operations):
         return attr
 
     # -- names ---------------------------------------------------------------
+
+    def init(self) -> None:
+        # Runs before the kernel has the answer to INIT, which would undo what
+        # on_init sets up (the mount's read-ahead): it runs just after.
+        if self.on_init is not None:
+            trio.lowlevel.current_trio_token().run_sync_soon(self.on_init)
 
     @_handler
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
@@ -231,9 +239,16 @@ class Operations(pyfuse3.Operations):
         self._files[fh] = opened
         return pyfuse3.FileInfo(fh=fh, direct_io=opened.direct_io, keep_cache=opened.keep_cache)
 
+    # pyfuse3 replies with any object that has the buffer protocol: a view's
+    # bytearray goes out without a copy.
     @_handler
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:  # type: ignore[override]
         return await self._files[fh].reader.read(off, size)
+
+    # Called by a pyfuse3 built with contrib/pyfuse3-lseek.patch (scripts/setup).
+    @_handler
+    async def lseek(self, inode: int, fh: int, off: int, whence: int, ctx: Any = None) -> int:
+        return await self.tree.lseek(self._files[fh], off, whence)
 
     @_handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:

@@ -6,23 +6,24 @@ order: the first row that fits a path says what it is. ``<x>`` fits any
 name; ``<snap>`` fits a VM snapshot's name or ``.undo``, never another name
 starting with '.' (those belong to snapfs)::
 
-    /                              domains         one directory per defined domain
-    /<dom>                         domain          one directory per VM snapshot, mkdir makes one
-    /<dom>/.status                 status          state, current, operation, last error; uncached
-    /<dom>/.current                current         symlink to the snapshot last created or applied
-    /<dom>/.disk                   disk snapshots  one directory per tag, mkdir makes one
-    /<dom>/.disk/<tag>             disk snapshot   rmdir deletes it
-    /<dom>/.disk/<tag>/info        disk info       id, tag, vm size, date, vm clock of each disk
-    /<dom>/.disk/<tag>/<dev>.raw   disk view       the disk at that snapshot, raw (0400)
-    /<dom>/.undo                   undo            the state the last apply replaced (no rmdir)
-    /<dom>/<snap>                  snapshot        rmdir deletes it
-    /<dom>/<snap>/snapshotdata.xl  info file       key="value" lines, as the store keeps them
-    /<dom>/<snap>/info.json        info.json       the same facts as JSON, plus the disk snapshots
-    /<dom>/<snap>/config.toml      config          the domain definition at snapshot time
-    /<dom>/<snap>/save             save image      the stored file's bytes (0400)
-    /<dom>/<snap>/disks            disk views      one view per disk
-    /<dom>/<snap>/disks/<dev>.raw  disk view       the disk at snapshot time, raw (0400)
-    /<dom>/<snap>/apply            apply           write-only (0200): writing reverts the domain
+    /                                 domains        one directory per defined domain
+    /<dom>                            domain         one directory per VM snapshot, mkdir makes one
+    /<dom>/.status                    status         state, current, operation, last error; uncached
+    /<dom>/.current                   current        symlink to the snapshot last created or applied
+    /<dom>/.disk                      disk snapshots one directory per disk-only snapshot
+    /<dom>/.disk/<tag>                disk snapshot  rmdir deletes it
+    /<dom>/.disk/<tag>/info           disk info      id, tag, vm size, date, vm clock of each disk
+    /<dom>/.disk/<tag>/<dev>.img      disk view      the disk at that snapshot, raw (0400)
+    /<dom>/.undo                      undo           the state the last apply replaced (no rmdir)
+    /<dom>/<snap>                     snapshot       rmdir deletes it
+    /<dom>/<snap>/snapshotdata.xl     info file      key="value" lines, as the store keeps them
+    /<dom>/<snap>/info.json           info.json      the same facts as JSON, plus the disk snapshots
+    /<dom>/<snap>/config.toml         config         the domain definition at snapshot time
+    /<dom>/<snap>/save                save image     the stored file's bytes (0400)
+    /<dom>/<snap>/disks               disk views     one view per disk, and its changes
+    /<dom>/<snap>/disks/<dev>.img     disk view      the disk at snapshot time, raw (0400)
+    /<dom>/<snap>/disks/<dev>.changes changes        byte ranges that differ from the parent
+    /<dom>/<snap>/apply               apply          write-only (0200): writing reverts the domain
 
 A directory's entries are the rows one name below it whose last name is
 fixed, in the table's order, then what its kind's ``children`` asks of the
@@ -40,15 +41,16 @@ import stat
 import time
 from collections.abc import Awaitable, Callable
 
-from ..errors import NotFound, SnapfsError, StateError
+from ..errors import NotFound, NotSupported, SnapfsError, StateError
 from ..images import DiskSnapshot
 from ..store import UNDO, VmSnapshot, format_info
 from .nodes import At, Node, NodeKind, Opening, PathTable, ns
-from .render import BytesReader, render_disk_info, render_info_json, render_status
+from .render import BytesReader, render_changes, render_disk_info, render_info_json, render_status
 
 __all__ = ["TABLE"]
 
-VIEW_SUFFIX = ".raw"
+VIEW_SUFFIX = ".img"
+CHANGES_SUFFIX = ".changes"
 VERB_DIR_MODE = stat.S_IFDIR | 0o755       # mkdir/rmdir are verbs here
 FILE_MODE = stat.S_IFREG | 0o444
 SECRET_MODE = stat.S_IFREG | 0o400         # guest memory, guest disks
@@ -134,13 +136,13 @@ async def _stat_current(at: At) -> Node:
 
 
 async def _stat_disk_snapshots(at: At) -> Node:
-    tags = await at.tags()
+    tags = await at.disk_only_tags()
     newest = max((s.date_sec for snaps in tags.values() for s in snaps), default=0)
     return at.dir(ns(newest) or at.started_ns, len(tags), mode=VERB_DIR_MODE)
 
 
 async def _tag_dirs(at: At) -> list[Node]:
-    return await at.nodes(sorted(await at.tags()))
+    return await at.nodes(sorted(await at.disk_only_tags()))
 
 
 async def _create_disk_snapshot(at: At, tag: str) -> None:
@@ -160,16 +162,24 @@ async def _views(at: At) -> list[Node]:
     return await at.nodes(disk.dev + VIEW_SUFFIX for disk in disks)
 
 
+async def _views_and_changes(at: At) -> list[Node]:
+    disks = (await at.tags()).get(await at.tag(), [])
+    return await at.nodes(disk.dev + suffix for disk in disks
+                          for suffix in (VIEW_SUFFIX, CHANGES_SUFFIX))
+
+
 async def _view_node(at: At, disk: DiskSnapshot, mtime_ns: int) -> Node:
-    """A disk at a snapshot, as a raw image: as big as the disk, as old as the snapshot."""
-    # qemu-nbd (as qemu-img convert -l) exports a snapshot with the disk's size
-    # now: a disk resized since is cut, or reads zeros past the end.
-    size, taken = (await at.disk_table()).sizes[disk.dev]
-    # The snapshot's own share of the image is not known without reading its
-    # tables; what the image takes bounds it, and is what du and tar -S need
-    # to see that a mostly empty disk is sparse.
-    return at.node(SECRET_MODE, size=size, mtime_ns=mtime_ns,
-                   blocks=(min(size, taken) + 511) // 512)
+    """A disk at a snapshot, as a raw image: as big as the disk was, as old as the
+    snapshot, taking the blocks of the clusters the snapshot references (what du sums)."""
+    usage = await at.queries.disk_usage(at.domain, await at.tag(), disk.dev)
+    if usage is not None:
+        size, blocks = usage
+    else:
+        # Served by qemu-nbd, with the disk's size now; what the whole image
+        # takes bounds the snapshot's share.
+        size, taken = (await at.disk_table()).sizes[disk.dev]
+        blocks = (min(size, taken) + 511) // 512
+    return at.node(SECRET_MODE, size=size, mtime_ns=mtime_ns, blocks=blocks)
 
 
 async def _stat_tag_view(at: At) -> Node:
@@ -193,6 +203,22 @@ async def _open_view(at: At, node: Node) -> Opening:
     version = (f"{at.queries.domain_mtime_ns(at.domain)}:{tag}:{disk.id}:"
                f"{disk.date_sec}.{disk.date_nsec}:{table.sizes[disk.dev][0]}")
     return Opening(reader, version=version)
+
+
+async def _render_changes(at: At) -> tuple[bytes, int]:
+    snap, disk = await at.snapshot(), await at.view_disk()
+    parent = None
+    if snap.parent:
+        try:
+            parent = (await at.queries.snapshot(at.domain, snap.parent)).disk_tag
+        except NotFound:
+            parent = None
+    try:
+        compared, ranges = await at.queries.disk_changes(at.domain, disk.tag, disk.dev, parent)
+    except NotSupported:
+        raise NotFound(f"no changes of {disk.dev!r}: its image is served by qemu-nbd") from None
+    data = render_changes(snap.parent if compared is not None else None, ranges)
+    return data.encode(), ns(snap.creation_time)
 
 
 async def _stat_snapshot(at: At) -> Node:
@@ -292,13 +318,13 @@ TABLE = PathTable((
     ("/<dom>/.current", NodeKind("current", "symlink to the snapshot last created or applied",
                                  _stat_current, target=_current_target)),
     ("/<dom>/.disk", NodeKind(
-        "disk snapshots", "one directory per tag, mkdir makes one",
+        "disk snapshots", "one directory per disk-only snapshot",
         _stat_disk_snapshots, children=_tag_dirs, create=_create_disk_snapshot)),
     ("/<dom>/.disk/<tag>", NodeKind("disk snapshot", "rmdir deletes it", _stat_disk_tag,
                                     children=_views, delete=_delete_disk_snapshot)),
     ("/<dom>/.disk/<tag>/info", _generated(
         "disk info", "id, tag, vm size, date, vm clock of each disk", _render_disk_info)),
-    ("/<dom>/.disk/<tag>/<dev>.raw", NodeKind(
+    ("/<dom>/.disk/<tag>/<dev>.img", NodeKind(
         "disk view", "the disk at that snapshot, raw (0400)", _stat_tag_view, open=_open_view)),
     ("/<dom>/.undo", NodeKind("undo", "the state the last apply replaced (no rmdir)",
                               _stat_snapshot)),
@@ -312,11 +338,13 @@ TABLE = PathTable((
         "config", "the domain definition at snapshot time", _render_config)),
     ("/<dom>/<snap>/save", NodeKind("save image", "the stored file's bytes (0400)", _stat_save,
                                     open=_open_save)),
-    ("/<dom>/<snap>/disks", NodeKind("disk views", "one view per disk", _stat_disks,
-                                     children=_views)),
-    ("/<dom>/<snap>/disks/<dev>.raw", NodeKind(
+    ("/<dom>/<snap>/disks", NodeKind("disk views", "one view per disk, and its changes",
+                                     _stat_disks, children=_views_and_changes)),
+    ("/<dom>/<snap>/disks/<dev>.img", NodeKind(
         "disk view", "the disk at snapshot time, raw (0400)", _stat_snapshot_view,
         open=_open_view)),
+    ("/<dom>/<snap>/disks/<dev>.changes", _generated(
+        "changes", "byte ranges that differ from the parent", _render_changes)),
     ("/<dom>/<snap>/apply", NodeKind(
         "apply", "write-only (0200): writing reverts the domain", _stat_apply,
         open=_open_apply, write=_write_apply)),

@@ -28,7 +28,8 @@ from .kinds import TABLE
 from .nodes import FRESH, At, Node, TreePath
 from .queries import Queries, Readable
 
-__all__ = ["FRESH", "RELEASE_GRACE", "Node", "OpenFile", "ReadOnly", "Tree", "TreePath"]
+__all__ = ["FRESH", "RELEASE_GRACE", "NoData", "Node", "OpenFile", "ReadOnly", "Tree",
+           "TreePath"]
 
 # ``rmdir`` of a snapshot whose files are open is refused, but the kernel
 # sends RELEASE only after close() has returned: let a ``cp -a src && rmdir
@@ -40,6 +41,12 @@ class ReadOnly(SnapfsError):
     """A change the tree has no verb for: a write, create, unlink, chmod..."""
 
     errno = errno.EROFS
+
+
+class NoData(SnapfsError):
+    """``lseek`` for data past the last byte of data."""
+
+    errno = errno.ENXIO
 
 
 @dataclass
@@ -139,6 +146,21 @@ class Tree:
         same = self._cached.get(path) == version
         self._cached[path] = version
         return same
+
+    async def lseek(self, opened: OpenFile, offset: int, whence: int) -> int:
+        """SEEK_DATA or SEEK_HOLE in an open file: a disk view answers from its
+        snapshot's allocation, so sparse-aware tools skip what reads as zeros;
+        any other file is data from start to end."""
+        seek = getattr(opened.reader, "seek", None)
+        if seek is not None:
+            result: int = await seek(offset, whence)
+            return result
+        await trio.lowlevel.checkpoint()
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise StateError(f"lseek whence {whence}")
+        if offset >= opened.node.size:
+            raise NoData(f"lseek past the end of {_show(opened.node.path)}")
+        return offset if whence == os.SEEK_DATA else opened.node.size
 
     async def close(self, opened: OpenFile) -> None:
         self._open[opened.holder] -= 1

@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import socket
+from functools import partial
 from pathlib import Path
 
 import pyfuse3
@@ -37,6 +38,12 @@ __all__ = ["mount", "notify"]
 logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+READ_AHEAD_KB = 8192
+"""The mount's read-ahead: a FUSE mount starts at 128 KiB, and sends sequential
+reads of save images and disk views in requests that big. With an 8 MiB window
+they come in libfuse's largest requests, 1 MiB, eight at a time: the tree reads
+a cold file with eight worker threads at once (a cold 1 GiB view: 0.71x of
+qemu-img convert -l with a 4 MiB window, 0.98x with 8 MiB)."""
 
 
 def notify(message: str) -> None:
@@ -81,23 +88,46 @@ def _check_mountpoint(mountpoint: Path) -> None:
                           "mount it elsewhere")
 
 
-def _snapfs_mount_above(path: Path) -> str:
-    """The snapfs tree ``path`` lies in, if any ("" otherwise)."""
-    target = os.path.realpath(path)
+def _snapfs_mounts() -> list[tuple[str, str]]:
+    """Every snapfs tree mounted here: (mount point, ``major:minor``), in mount order."""
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
             lines = f.read().splitlines()
     except OSError:
-        return ""
+        return []
+    mounts = []
     for line in lines:
         fields = line.split(" - ", 1)
         if len(fields) != 2 or not fields[1].startswith("fuse.snapfs "):
             continue
+        parts = fields[0].split()
         # mountinfo escapes spaces and the like as octal.
-        point = fields[0].split()[4].encode().decode("unicode_escape")
+        mounts.append((parts[4].encode().decode("unicode_escape"), parts[2]))
+    return mounts
+
+
+def _snapfs_mount_above(path: Path) -> str:
+    """The snapfs tree ``path`` lies in, if any ("" otherwise)."""
+    target = os.path.realpath(path)
+    for point, _ in _snapfs_mounts():
         if target == point or target.startswith(point.rstrip("/") + "/"):
             return point
     return ""
+
+
+def _raise_read_ahead(target: str) -> None:
+    """Raise the read-ahead of the tree mounted on ``target``, once the kernel has the
+    answer to INIT (it lowers the read-ahead to what INIT offered); ``target`` is
+    a real path: resolving one would stat the tree from its own serving thread."""
+    devices = [device for point, device in _snapfs_mounts() if point == target]
+    device = devices[-1] if devices else ""
+    knob = Path(f"/sys/class/bdi/{device}/read_ahead_kb")
+    try:
+        if device and int(knob.read_text()) < READ_AHEAD_KB:
+            knob.write_text(f"{READ_AHEAD_KB}\n")
+    except (OSError, ValueError) as err:
+        # Only root may; reads still work, in smaller requests.
+        logger.info("cannot raise the read-ahead of %s (%s): %s", target, knob, err)
 
 
 def _open_log(log: Path) -> int:
@@ -138,7 +168,8 @@ def mount(dirs: Dirs, mountpoint: Path, *, foreground: bool = False,
     dirs.ensure()
     log = -1 if foreground else _open_log(dirs.mount_log)
     engine = Engine(dirs)
-    operations = Operations(Tree(engine))
+    operations = Operations(Tree(engine), on_init=partial(_raise_read_ahead,
+                                                          os.path.realpath(mountpoint)))
     try:
         pyfuse3.init(operations, str(mountpoint), _options(allow_other))
     except RuntimeError as err:

@@ -7,7 +7,7 @@
     At          a path fitted to its row, with what one request read about it
 
 A pattern is names joined by '/': a fixed name, or ``<x>`` (with an optional
-suffix, as in ``<dev>.raw``), which fits any name; ``<snap>`` fits a VM
+suffix, as in ``<dev>.img``), which fits any name; ``<snap>`` fits a VM
 snapshot's name or ``.undo``, never another name starting with '.' (those
 belong to snapfs). The kinds themselves and the tree's table are ``kinds``.
 """
@@ -164,13 +164,24 @@ class At:
         """The domain's disk snapshots by tag, those whose tag can be a file name."""
         return _fitting_tags(await self.disk_table())
 
+    async def disk_only_tags(self) -> dict[str, list[DiskSnapshot]]:
+        """``tags`` but those of VM snapshots (``.undo`` too): those show only in
+        their VM snapshot's ``disks``, so a backup of the domain reads each once."""
+        tags = await self.tags()
+        owned = {snap.disk_tag for snap in (await self.queries.snapshots(self.domain)).values()}
+        try:
+            owned.add((await self.queries.snapshot(self.domain, UNDO)).disk_tag)
+        except NotFound:
+            pass
+        return {tag: snaps for tag, snaps in tags.items() if tag not in owned}
+
     async def tag(self) -> str:
         """The tag this path shows: ``.disk/<tag>``'s, or its VM snapshot's."""
         return self.names["tag"] if "tag" in self.names else (await self.snapshot()).disk_tag
 
     async def tag_snapshots(self) -> list[DiskSnapshot]:
         tag = await self.tag()
-        snaps = (await self.tags()).get(tag)
+        snaps = (await (self.disk_only_tags() if "tag" in self.names else self.tags())).get(tag)
         if not snaps:
             raise NotFound(f"no disk snapshot {tag!r} on {self.domain!r}")
         return snaps
@@ -178,7 +189,7 @@ class At:
     async def view_disk(self) -> DiskSnapshot:
         """The disk snapshot a disk view shows."""
         tag, dev = await self.tag(), self.names["dev"]
-        for disk in (await self.tags()).get(tag, []):
+        for disk in await self.tag_snapshots():
             if disk.dev == dev:
                 return disk
         raise NotFound(f"no disk {dev!r} in snapshot {tag!r} of {self.domain!r}")
@@ -325,7 +336,8 @@ class PathTable:
 
     def describe(self) -> str:
         """The rows as a docstring shows them, one line each."""
-        return "".join(f"    {row.pattern:<31}{row.kind.name:<16}{row.kind.about}\n"
+        width = max(len(row.pattern) for row in self.rows) + 1
+        return "".join(f"    {row.pattern:<{width}}{row.kind.name:<15}{row.kind.about}\n"
                        for row in self.rows)
 
 

@@ -24,7 +24,7 @@ __all__ = ["Queries", "Readable"]
 class Readable(Protocol):
     """An open file's bytes: a save image, a disk view."""
 
-    async def read(self, offset: int, size: int) -> bytes: ...
+    async def read(self, offset: int, size: int) -> bytes | bytearray: ...
 
     async def aclose(self) -> None: ...
 
@@ -82,6 +82,17 @@ class Queries(Protocol):
     async def open_disk_view(self, domain: str, tag: str, dev: str) -> Readable:
         """Disk ``dev`` at snapshot ``tag``, as a raw image.
         :raise StateError: when no mounted tree serves disk views."""
+
+    async def disk_usage(self, domain: str, tag: str, dev: str) -> tuple[int, int] | None:
+        """Disk ``dev``'s size at snapshot ``tag`` and the 512-byte blocks of the
+        clusters that snapshot references; None when they cannot be read."""
+
+    async def disk_changes(self, domain: str, tag: str, dev: str, parent: str | None
+                           ) -> tuple[str | None, list[tuple[int, int]]]:
+        """The (start, length) byte ranges of disk ``dev`` at snapshot ``tag`` that
+        differ from snapshot ``parent`` (None: from an empty disk), sorted and merged,
+        and the parent compared (None when it is gone).
+        :raise NotSupported: when the image's tables cannot be read."""
 
     # -- verbs ------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
     <dom>/.status               render_status
     <dom>/.disk/<tag>/info      render_disk_info
     <dom>/<name>/info.json      render_info_json
+    <dom>/<name>/disks/<dev>.changes  render_changes
     <dom>/<name>/snapshotdata.xl is ``store.format_info``, as the store writes it
 
 A generated file is rendered once when it is opened (``BytesReader``), so
@@ -21,7 +22,8 @@ from ..images import DiskSnapshot
 from ..status import DomainStatus, Progress, printable
 from ..store import VmSnapshot
 
-__all__ = ["BytesReader", "render_disk_info", "render_info_json", "render_status"]
+__all__ = ["BytesReader", "render_changes", "render_disk_info", "render_info_json",
+           "render_status"]
 
 
 class BytesReader:
@@ -86,3 +88,10 @@ def render_disk_info(snaps: list[DiskSnapshot]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
     return "".join(line + "\n" for line in lines)
+
+
+def render_changes(parent: str | None, ranges: list[tuple[int, int]]) -> str:
+    """``{"parent": ..., "ranges": [{"start": ..., "length": ...}, ...]}``, one range a line."""
+    lines = ",\n".join(f'  {{"start": {start}, "length": {length}}}' for start, length in ranges)
+    body = f"[\n{lines}\n]" if ranges else "[]"
+    return f'{{"parent": {json.dumps(parent)},\n"ranges": {body}}}\n'
