@@ -202,3 +202,39 @@ def test_a_snapshot_is_as_big_as_the_disk_was(tmp_path: Path) -> None:
         assert layer.read(0, 8 * MiB) == b"\x09" * (4 * MiB)
     finally:
         image.close()
+
+
+def test_a_snapshot_deleted_while_read_is_gone_not_a_wrong_answer(tmp_path: Path) -> None:
+    """The tree stats views (st_blocks) and reads .changes without holding a view, so
+    a snapshot may be deleted while its tables are read: the answer is then
+    ENOENT, never a figure or an error made of freed clusters."""
+    from snapfs.diskview import local
+
+    img = tmp_path / "d.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", img, "4M")
+    sh("qemu-io", "-f", "qcow2", "-c", "write -P 1 0 1M", img)
+    sh("qemu-img", "snapshot", "-c", "s1", img)
+    sh("qemu-io", "-f", "qcow2", "-c", "write -P 2 0 2M", img)
+    sh("qemu-img", "snapshot", "-c", "s2", img)
+    sh("qemu-io", "-f", "qcow2", "-c", "write -P 3 0 3M", img)
+    sh("qemu-img", "snapshot", "-c", "s3", img)
+
+    image = qcow2.Image(img)
+    try:
+        s1 = image.find("s1")
+
+        def delete_then_count() -> int:
+            sh("qemu-img", "snapshot", "-d", "s1", img)
+            return image.layer(s1).allocated()
+
+        with pytest.raises(NotFound):
+            local._unchanged(image, [s1], delete_then_count)
+        # A snapshot that stays is answered, whatever else changed meanwhile.
+        s2 = image.find("s2")
+        assert local._unchanged(image, [s2], lambda: image.layer(s2).allocated()) == 2 * MiB
+    finally:
+        image.close()
+    # A parent gone when compared: the changes are then against nothing.
+    parent, ranges = local._changes(img, "s3", "s1")
+    assert parent is None and ranges == [(0, 3 * MiB)]
+    assert local._changes(img, "s3", "s2") == ("s2", [(0, 3 * MiB)])

@@ -236,19 +236,53 @@ def _remember(key: tuple[Any, ...], compute: Callable[[], T]) -> T:
     return value
 
 
+def _unchanged(img: qcow2.Image, entries: list[qcow2.SnapshotEntry],
+               compute: Callable[[], T]) -> T:
+    """``compute`` over the tables of ``entries``, answered only if they all still
+    exist afterwards. A snapshot deleted meanwhile had its clusters freed (and maybe
+    reused): whatever was read of it, a figure or an error, is worthless, and the
+    truth is that the snapshot is gone."""
+    try:
+        value = compute()
+    except (SnapfsError, OSError, ValueError, IndexError):
+        _require(img, entries)
+        raise
+    _require(img, entries)
+    return value
+
+
+def _require(img: qcow2.Image, entries: list[qcow2.SnapshotEntry]) -> None:
+    present = {entry.key for entry in img.snapshots()}
+    for entry in entries:
+        if entry.key not in present:
+            raise NotFound(f"snapshot {entry.name!r} of {img.path} was deleted while read")
+
+
 def _usage(image: Path, tag: str) -> tuple[int, int]:
     img = qcow2.Image(image)
     try:
         entry = img.find(tag)
         st = os.fstat(img.fd)
-        return _remember(("usage", st.st_dev, st.st_ino, entry.key), lambda: (
-            entry.disk_size, img.layer(entry).allocated() // 512))
+        return _remember(("usage", st.st_dev, st.st_ino, entry.key), lambda: _unchanged(
+            img, [entry], lambda: (entry.disk_size, img.layer(entry).allocated() // 512)))
     finally:
         img.close()
 
 
+class _ParentGone(Exception):
+    pass
+
+
 def _changes(image: Path, tag: str,
              parent: str | None) -> tuple[str | None, list[tuple[int, int]]]:
+    try:
+        return _changes_against(image, tag, parent)
+    except _ParentGone:     # deleted while compared: the snapshot has no parent now
+        return _changes_against(image, tag, None)
+
+
+def _changes_against(image: Path, tag: str,
+                     parent: str | None) -> tuple[str | None, list[tuple[int, int]]]:
     img = qcow2.Image(image)
     try:
         entry = img.find(tag)
@@ -260,8 +294,16 @@ def _changes(image: Path, tag: str,
                 base = None
         st = os.fstat(img.fd)
         key = ("changes", st.st_dev, st.st_ino, entry.key, base.key if base else None)
-        ranges = _remember(key, lambda: qcow2.changed_ranges(
-            img.layer(entry), img.layer(base) if base is not None else None))
+        try:
+            ranges = _remember(key, lambda: _unchanged(
+                img, [entry] if base is None else [entry, base],
+                lambda: qcow2.changed_ranges(
+                    img.layer(entry), img.layer(base) if base is not None else None)))
+        except NotFound:
+            if base is None:
+                raise
+            _require(img, [entry])
+            raise _ParentGone() from None
         return (parent if base is not None else None), ranges
     finally:
         img.close()
