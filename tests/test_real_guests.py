@@ -247,7 +247,7 @@ def test_uefi_nvram_comes_back_with_its_snapshot(guests: tuple[Tree, Guest, Gues
     env.snapfs("vm-snapshot-apply", "-n", "off", "uf")
     assert current_bytes(nvram, tmp_path / "off.raw") == snapshot_bytes(
         nvram, "off", tmp_path / "off-snap.raw")
-    assert (tree / "uf" / ".disk" / "d1" / "nvram.raw").read_bytes() == snapshot_bytes(
+    assert (tree / "uf" / ".disk" / "d1" / "nvram.img").read_bytes() == snapshot_bytes(
         nvram, "d1", tmp_path / "d1.raw")
 
     env.snapfs("vm-snapshot-delete", "-n", "u1", "uf")
