@@ -17,7 +17,7 @@ from .files import atomic_write, make_dirs, read_text_nofollow
 
 __all__ = [
     "Dirs", "RunPaths", "Disk", "DomainDef", "parse_domain", "load_domain", "list_domains",
-    "define_domain", "check_snapshot_name", "check_domain_name", "parse_size",
+    "define_domain", "check_snapshot_name", "check_domain_name", "parse_size", "qemu_opt",
 ]
 
 DOMAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -79,6 +79,12 @@ class Dirs:
             make_dirs(path, 0o700)
 
 
+def qemu_opt(value: str) -> str:
+    """``value`` inside QEMU's ``key=value,...`` option syntax: a doubled comma is a
+    literal one. The only escaping snapfs does (never an HMP command string)."""
+    return value.replace(",", ",,")
+
+
 def nbd_dir(run: Path | str) -> Path:
     """``<run dir>/nbd``, resolved: qemu-nbd's socket paths are compared as strings."""
     return Path(os.path.realpath(run)) / "nbd"
@@ -95,6 +101,7 @@ class RunPaths:
         <run dir>/<name>.error   last_error: "<ISO 8601 local time> <message>"
         <run dir>/<name>.state   the run state last seen, for when QMP is busy
         <run dir>/<name>.checked save images whose sha256 was checked since boot (JSON)
+        <run dir>/<name>.disks   the disks' snapshot tables as last read (JSON)
     """
 
     def __init__(self, run: Path, name: str) -> None:
@@ -107,6 +114,12 @@ class RunPaths:
         self.error = run / f"{name}.error"
         self.state = run / f"{name}.state"
         self.checked = run / f"{name}.checked"
+        self.disks = run / f"{name}.disks"
+
+    @property
+    def qmp_argument(self) -> str:
+        """QEMU's ``-qmp`` argument: how the domain's QEMU is told from other processes."""
+        return f"unix:{qemu_opt(str(self.qmp))},server=on,wait=off"
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 import trio
 
 from . import apply as applying
-from . import qemu
+from . import glance, qemu
 from .catalog import Catalog
 from .config import DOMAIN_NAME, Dirs, DomainDef, check_snapshot_name, define_domain, list_domains
 from .diskview import DiskView, DiskViews
@@ -37,9 +37,9 @@ from .operation import (
 )
 from .recovery import recover
 from .save import SaveMode, create
+from .saves import FileReader
 from .status import DomainStatus, Progress
-from .store import UNDO, UNDO_NEXT, FileReader, VmSnapshot
-from .vm import Vm
+from .store import UNDO, UNDO_NEXT, VmSnapshot
 
 __all__ = ["Engine", "DomainStatus", "Progress", "SaveMode"]
 
@@ -123,25 +123,19 @@ class Engine:
             return clean
 
     async def domain_status(self, name: str) -> DomainStatus:
-        """The domain's run state, current snapshot, operation in progress and last error.
-
-        Does not wait for a running operation: while one holds the monitor, the
-        state is the one that operation last recorded.
-        """
-        vm = Vm(self.dirs, self.domain(name))
+        """The domain's run state, current snapshot, operation in progress and last error
+        (``glance.domain_status``: what the CLI says without the engine)."""
+        definition = self.domain(name)
         await self.recover(name)
-        op = self.progress(name)
-        state, reason = await vm.observed_state(busy=op is not None)
-        current = await trio.to_thread.run_sync(vm.store.current)
-        return DomainStatus(name, state.value, current, op, Records(vm.paths).last_error(),
-                            reason)
+        return await trio.to_thread.run_sync(glance.domain_status, self.dirs, definition)
 
     # -- disk snapshots ---------------------------------------------------------
 
     async def disk_snapshot_list(self, name: str) -> list[DiskSnapshot]:
-        """Every internal snapshot of every disk, in disk order then id order."""
-        async with self._operation(name, OpName.DISK_SNAPSHOT_LIST) as op:
-            return await op.vm.disk_snapshots()
+        """Every internal snapshot of every disk, in disk order then table order."""
+        self.domain(name)
+        await self.recover(name)
+        return list((await self.catalog.disk_table(name)).listed)
 
     async def disk_snapshot_create(self, name: str, tag: str | None = None) -> str:
         """One internal snapshot of every disk at one instant, all or none; returns its tag."""

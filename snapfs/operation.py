@@ -11,22 +11,21 @@ name.
 
 import enum
 import fcntl
-import json
 import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import trio
 
 from . import trace
-from .config import Dirs, DomainDef, RunPaths
+from .config import Dirs, DomainDef
+from .domstate import Records
 from .errors import SnapfsError
-from .files import atomic_write, make_dirs, remove_stale_temporaries
+from .files import remove_stale_temporaries
 from .journal import Entry, Journal
 from .status import Progress
 from .tasks import cause
@@ -48,7 +47,6 @@ class OpName(enum.StrEnum):
     VM_SNAPSHOT_APPLY = "vm-snapshot-apply"
     DISK_SNAPSHOT_CREATE = "disk-snapshot-create"
     DISK_SNAPSHOT_DELETE = "disk-snapshot-delete"
-    DISK_SNAPSHOT_LIST = "disk-snapshot-list"
     DISK_VIEW = "disk-view"
     RECOVERY = "recovery"
 
@@ -89,49 +87,6 @@ class DiskDeleteStep(enum.StrEnum):
 
 
 UNDO_PREFIX = "undo:"
-
-
-class Records:
-    """A domain's run-dir records of operations: progress, last error."""
-
-    def __init__(self, paths: RunPaths) -> None:
-        self.paths = paths
-
-    def record_error(self, message: str) -> None:
-        try:
-            make_dirs(self.paths.run, 0o700)
-            when = datetime.now().astimezone().isoformat(timespec="seconds")
-            atomic_write(self.paths.error, f"{when} {message}\n", mode=0o644, durable=False)
-        except OSError as err:
-            logger.warning("cannot record last error in %s: %s", self.paths.error, err)
-
-    def last_error(self) -> str:
-        try:
-            return self.paths.error.read_text().strip()
-        except OSError:
-            return ""
-
-    def write_progress(self, progress: Progress) -> None:
-        try:
-            atomic_write(self.paths.op, json.dumps(asdict(progress)), mode=0o644, durable=False)
-        except OSError as err:
-            logger.debug("cannot record progress in %s: %s", self.paths.op, err)
-
-    def read_progress(self) -> Progress | None:
-        """The operation in progress, if the process running it is alive (a dead
-        one's operation is the journal's to recover)."""
-        try:
-            progress = Progress(**json.loads(self.paths.op.read_text()))
-        except (OSError, ValueError, TypeError):
-            return None
-        try:
-            os.kill(progress.pid, 0)
-        except (ProcessLookupError, PermissionError):
-            return None
-        return progress
-
-    def end_progress(self) -> None:
-        self.paths.op.unlink(missing_ok=True)
 
 
 @dataclass

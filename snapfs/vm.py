@@ -16,8 +16,8 @@ import trio
 from . import images, qemu, qmp
 from .config import Dirs, Disk, DomainDef
 from .diskview import exported
-from .errors import AlreadyExists, Busy, NotSupported, QemuError, SnapfsError
-from .files import atomic_write
+from .domstate import Records, running_pid
+from .errors import AlreadyExists, Busy, NotSupported, SnapfsError
 from .images import DiskSnapshot
 from .status import RunState
 from .store import Store
@@ -25,11 +25,6 @@ from .store import Store
 __all__ = ["Vm"]
 
 logger = logging.getLogger(__name__)
-
-STATUS_TIMEOUT = 2.0    # how long `domain status` waits for QEMU's answer
-# QEMU's run states in which the guest cannot go on: a KVM internal error, a
-# guest kernel panic reported through pvpanic.
-CRASH_STATUSES = ("internal-error", "guest-panicked")
 
 
 class Vm:
@@ -48,7 +43,7 @@ class Vm:
     # -- the QEMU process ------------------------------------------------------
 
     def pid(self) -> int | None:
-        return qemu.running_pid(self.paths)
+        return running_pid(self.paths)
 
     @property
     def running(self) -> bool:
@@ -77,45 +72,9 @@ class Vm:
         status = await (await self.monitor()).execute("query-status")
         return RunState.RUNNING if status.get("running") else RunState.PAUSED
 
-    async def observed_state(self, busy: bool) -> tuple[RunState, str]:
-        """The run state and, when crashed, why; without waiting: while an operation
-        holds the monitor (``busy``), or QEMU does not answer within
-        STATUS_TIMEOUT, the state the last operation recorded."""
-        if not self.running:
-            # QEMU removes its pidfile when it exits, and snapfs when it kills it.
-            if self.paths.pid.exists():
-                return RunState.CRASHED, "QEMU exited without being stopped" + (
-                    f": {qemu.last_words(self.paths)}" if qemu.last_words(self.paths) else "")
-            return RunState.SHUTOFF, ""
-        state, reason = self.remembered_state(), ""
-        if not busy:
-            with trio.move_on_after(STATUS_TIMEOUT):
-                try:
-                    status = await (await self.monitor()).execute("query-status")
-                    state = RunState.RUNNING if status.get("running") else RunState.PAUSED
-                    if status.get("status") in CRASH_STATUSES:
-                        state = RunState.CRASHED
-                        words = qemu.last_words(self.paths)
-                        reason = f"QEMU stopped the guest: {status['status']}" + (
-                            f" ({words})" if words else "")
-                    self.remember_state(state)
-                except QemuError as err:
-                    logger.debug("status of %s: %s", self.name, err)
-            await self.aclose()
-        return state, reason
-
     def remember_state(self, state: RunState) -> None:
         """Keep the state for ``domain status`` while an operation holds the monitor."""
-        try:
-            atomic_write(self.paths.state, state.value, mode=0o644, durable=False)
-        except OSError as err:
-            logger.debug("cannot record state of %s: %s", self.name, err)
-
-    def remembered_state(self) -> RunState:
-        try:
-            return RunState(self.paths.state.read_text().strip())
-        except (OSError, ValueError):
-            return RunState.RUNNING
+        Records(self.paths).remember_state(state)
 
     async def start(self, definition: DomainDef | None = None, *, paused: bool = False,
                     incoming: bool = False) -> None:
