@@ -39,6 +39,7 @@ class Vm:
         self._monitor: qmp.Monitor | None = None
         self._images: dict[Path, dict[str, Any]] = {}
         self._formats: dict[Path, str] = {}
+        self._nodes: dict[str, dict[str, Any]] | None = None
 
     # -- the QEMU process ------------------------------------------------------
 
@@ -81,6 +82,7 @@ class Vm:
         """Start QEMU from ``definition`` (the domain's own by default)."""
         target = definition or self.definition
         await self.close_monitor()
+        self.forget_images()
         await qemu.start(self.paths, target, await self.formats(target), paused=paused,
                          incoming=incoming)
 
@@ -89,6 +91,7 @@ class Vm:
         if self.running:
             await qemu.quit(self.paths, self._monitor)
         await self.close_monitor()
+        self.forget_images()
 
     # -- its disks ---------------------------------------------------------------
 
@@ -101,14 +104,33 @@ class Vm:
             self._formats[disk.file] = str(info["format"])
         return info
 
+    async def block_nodes(self) -> dict[str, dict[str, Any]]:
+        """The running QEMU's block nodes by name, asked once per operation: the
+        formats and snapshot tables of the images it has open, without a
+        ``qemu-img`` process per disk."""
+        if self._nodes is None:
+            nodes = await (await self.monitor()).execute("query-named-block-nodes",
+                                                         {"flat": True})
+            self._nodes = {n["node-name"]: n for n in nodes}
+            for disk in self.definition.disks:
+                node = self._nodes.get(disk.dev, {})
+                if node.get("file") == str(disk.file) and "drv" in node:
+                    self._formats[disk.file] = str(node["drv"])
+        return self._nodes
+
     def forget_images(self) -> None:
-        """The snapshot tables read are stale: a snapshot was made or removed."""
+        """The snapshot tables read are stale: a snapshot was made or removed, or QEMU
+        started or quit."""
         self._images.clear()
+        self._nodes = None
 
     async def formats(self, definition: DomainDef | None = None) -> dict[str, str]:
         """Each disk's image format, by dev."""
+        disks = (definition or self.definition).disks
+        if self.running and any(disk.file not in self._formats for disk in disks):
+            await self.block_nodes()
         result = {}
-        for disk in (definition or self.definition).disks:
+        for disk in disks:
             if disk.file not in self._formats:
                 await self.image_info(disk)
             result[disk.dev] = self._formats[disk.file]
@@ -122,20 +144,19 @@ class Vm:
                                    "it cannot hold internal snapshots")
 
     async def disk_snapshots(self, definition: DomainDef | None = None) -> list[DiskSnapshot]:
-        """Every disk's internal snapshots, in disk order then id order: from QEMU
-        when it runs (it has the images open), else from the images."""
+        """Every disk's internal snapshots, in disk order then table order: from QEMU
+        when it runs (it has the images open), else from the images; read once
+        until ``forget_images``."""
         disks = (definition or self.definition).disks
+        result = []
         if not self.running:
-            result = []
             for disk in disks:
                 info = await self.image_info(disk)
                 result += [DiskSnapshot.from_qemu(disk.dev, s) for s in info.get("snapshots", [])]
             return result
-        nodes = await (await self.monitor()).execute("query-named-block-nodes", {"flat": True})
-        by_node = {n["node-name"]: n for n in nodes}
-        result = []
+        nodes = await self.block_nodes()
         for disk in disks:
-            image = by_node.get(disk.dev, {}).get("image", {})
+            image = nodes.get(disk.dev, {}).get("image", {})
             result += [DiskSnapshot.from_qemu(disk.dev, s) for s in image.get("snapshots", [])]
         return result
 
