@@ -18,7 +18,7 @@ from pathlib import Path
 import trio
 
 from . import apply as applying
-from . import glance, qemu
+from . import glance, qemu, trace
 from .catalog import Catalog
 from .config import DOMAIN_NAME, Dirs, DomainDef, check_snapshot_name, define_domain, list_domains
 from .diskview import DiskView, DiskViews
@@ -204,7 +204,8 @@ class Engine:
             op.vm.refuse_viewed(snap.disk_tag)
             op.begin(snapshot=snapshot, tag=snap.disk_tag, parent=snap.parent)
             op.step(DeleteStep.REPARENT)
-            await trio.to_thread.run_sync(op.vm.store.reparent, snapshot, snap.parent)
+            with trace.phase("reparent"):
+                await trio.to_thread.run_sync(op.vm.store.reparent, snapshot, snap.parent)
             op.step(DeleteStep.FORGET)
             await op.vm.forget(snap.name, snap.disk_tag)
 

@@ -102,7 +102,8 @@ class Operation:
 
     def begin(self, **facts: Any) -> None:
         """Journal the operation: from here on a killed process is recovered."""
-        self.journal.begin(self.name.value, **facts)
+        with trace.phase("journal"):
+            self.journal.begin(self.name.value, **facts)
 
     def step(self, step: enum.StrEnum, prefix: str = "") -> None:
         self.journal.step(prefix + step.value)
@@ -166,6 +167,7 @@ async def run_operation(dirs: Dirs, definition: DomainDef, name: OpName, locks: 
                     records.write_progress(progress)
                     try:
                         yield op
+                        await vm.keep_tables()
                     finally:
                         journal.end()
                         records.end_progress()

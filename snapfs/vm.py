@@ -8,12 +8,13 @@ at a time, and each session costs a connection and a handshake).
 """
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from . import images, qemu, qmp
+from . import images, qemu, qmp, trace
 from .config import Dirs, Disk, DomainDef
 from .diskview import exported
 from .domstate import Records, running_pid
@@ -21,6 +22,7 @@ from .errors import AlreadyExists, Busy, NotSupported, SnapfsError
 from .images import DiskSnapshot
 from .status import RunState
 from .store import Store
+from .tables import TableCopy
 
 __all__ = ["Vm"]
 
@@ -40,6 +42,7 @@ class Vm:
         self._images: dict[Path, dict[str, Any]] = {}
         self._formats: dict[Path, str] = {}
         self._nodes: dict[str, dict[str, Any]] | None = None
+        self._tables_changed = False
 
     # -- the QEMU process ------------------------------------------------------
 
@@ -118,6 +121,24 @@ class Vm:
                     self._formats[disk.file] = str(node["drv"])
         return self._nodes
 
+    async def keep_tables(self) -> None:
+        """After this operation made or deleted a snapshot of the running domain, keep
+        the disks' tables as QEMU now has them (``tables.TableCopy``): the next listing,
+        by this process or another, needs no ``qemu-img``."""
+        if not self._tables_changed or not self.running:
+            return
+        copy = TableCopy(self.paths, self.definition)
+        # Keys before the query: a change made after it does not match them.
+        wall, keys = time.time_ns(), copy.keys()
+        nodes = await self.block_nodes()
+        infos = []
+        for disk in self.definition.disks:
+            node = nodes.get(disk.dev, {})
+            if node.get("file") != str(disk.file) or "image" not in node:
+                return
+            infos.append((disk.dev, dict(node["image"])))
+        await trio.to_thread.run_sync(copy.save, keys, wall, infos)
+
     def forget_images(self) -> None:
         """The snapshot tables read are stale: a snapshot was made or removed, or QEMU
         started or quit."""
@@ -184,6 +205,7 @@ class Vm:
         QMP transaction when QEMU runs (call it with the vCPUs stopped for a VM
         snapshot), ``qemu-img snapshot -c`` on each closed image otherwise."""
         self.forget_images()
+        self._tables_changed = True
         if self.running:
             actions = [{"type": "blockdev-snapshot-internal-sync",
                         "data": {"device": d.dev, "name": tag}} for d in self.definition.disks]
@@ -205,6 +227,7 @@ class Vm:
         have left it on some only)."""
         table = await self.disk_snapshots()
         self.forget_images()
+        self._tables_changed = True
         for disk in self.definition.disks:
             snaps = [s for s in table if s.dev == disk.dev]
             if not any(s.tag == tag for s in snaps):
@@ -229,6 +252,9 @@ class Vm:
         """Remove VM snapshot ``name``, whatever state it is in: its info file first,
         so it is gone at once, then its disk snapshots and files (a dead process's
         journal finishes the job)."""
-        await trio.to_thread.run_sync(self.store.info_path(name).unlink, True)
-        await self.delete_disk_tag(tag)
-        await trio.to_thread.run_sync(self.store.remove, name)
+        with trace.phase("remove the info file"):
+            await trio.to_thread.run_sync(self.store.info_path(name).unlink, True)
+        with trace.phase("delete the disk snapshots"):
+            await self.delete_disk_tag(tag)
+        with trace.phase("remove the save image and config"):
+            await trio.to_thread.run_sync(self.store.remove, name)

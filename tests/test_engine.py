@@ -377,19 +377,23 @@ def test_small_operations_on_a_running_domain_read_its_tables_once_from_qemu(
         record = traced(web1, trace, op, op, *args, DOM)
         counts = record["counts"]
         assert isinstance(counts, dict)
-        # One session; formats and tables from QEMU, which has the images open.
+        # One session; formats and tables from QEMU, which has the images open (asked
+        # again at the end: the tables as they are now, kept for the next listing).
         assert counts["qmp connect"] == 1, counts
-        assert counts["qmp query-named-block-nodes"] == 1, counts
+        assert counts["qmp query-named-block-nodes"] == 2, counts
         assert "qemu-img info" not in counts and "qemu-img snapshot" not in counts, counts
     web1.snapfs("vm-snapshot-create", "-n", "small2", DOM)
     record = traced(web1, trace, "vm-snapshot-delete", "vm-snapshot-delete", "-n", "small2", DOM)
     counts = record["counts"]
     assert isinstance(counts, dict)
-    assert counts["qmp connect"] == 1 and counts["qmp query-named-block-nodes"] == 1, counts
+    assert counts["qmp connect"] == 1 and counts["qmp query-named-block-nodes"] == 2, counts
     assert counts["qmp blockdev-snapshot-delete-internal-sync"] == 2, counts   # two disks
     assert "qemu-img info" not in counts, counts
-    tags = [s["tag"] for s in json.loads(web1.snapfs("disk-snapshot-list", "--json", DOM).stdout)]
+    listed = web1.snapfs("disk-snapshot-list", "--json", DOM).stdout
+    tags = [s["tag"] for s in json.loads(listed)]
     assert "small1" not in tags and "small2" not in tags
+    kept = {s["tag"]: s["id"] for s in json.loads(listed) if s["dev"] == "vdb"}
+    assert kept == qemu_img_tags(disk_file(web1, "vdb")), "the kept table is the image's"
 
 
 def test_apply_without_undo(web1: Env) -> None:
