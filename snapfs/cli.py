@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .config import Dirs
+from .config import Dirs, list_domains
 from .errors import SnapfsError
 from .status import printable
 
@@ -80,7 +80,6 @@ async def cmd_domain(engine: Engine, args: argparse.Namespace) -> None:
 
 
 def _domains(dirs: Dirs, args: argparse.Namespace) -> list[str]:
-    from .config import list_domains
     return list_domains(dirs) if args.verb == "list" else [args.domain]
 
 

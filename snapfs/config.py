@@ -7,7 +7,6 @@ value is checked here, once, so the rest of the code can trust a ``DomainDef``.
 import os
 import re
 import tomllib
-import uuid as uuidlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,9 @@ __all__ = [
 
 DOMAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 DEV_NAME = re.compile(r"[a-z][a-z0-9]{0,15}")
+# What `domain define` writes; the uuid module (and its libuuid) is loaded only for
+# another form, so that reading a definition costs no more than its parsing.
+CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 BUSES = ("virtio", "ide", "scsi")
 ACCELS = ("kvm", "tcg")
 MAX_NAME_BYTES = 64
@@ -262,7 +264,9 @@ def parse_domain(text: str, source: str = "definition") -> DomainDef:
     except InvalidName as err:
         raise ConfigError(f"{source}: 'name': {err}") from None
     uuid = _get(table, "uuid", str, source, default="")
-    if uuid:
+    if uuid and not CANONICAL_UUID.fullmatch(uuid):
+        # Written by hand in another form (upper case, braces, no dashes): made canonical.
+        import uuid as uuidlib
         try:
             uuid = str(uuidlib.UUID(uuid))
         except ValueError:
@@ -352,6 +356,7 @@ def define_domain(dirs: Dirs, source: Path) -> DomainDef:
     if path.exists() or path.is_symlink():
         raise AlreadyExists(f"a domain named {domain.name!r} is already defined ({path})")
     if not domain.uuid:
+        import uuid as uuidlib
         domain = DomainDef(**{**domain.__dict__, "uuid": str(uuidlib.uuid4())})
     make_dirs(dirs.domains, 0o755)
     atomic_write(path, domain.to_toml(), mode=0o644)

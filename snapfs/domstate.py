@@ -18,10 +18,8 @@ answer. Everything else that speaks QMP goes through ``qmp.py``.
 import json
 import logging
 import os
-import socket
 import time
 from dataclasses import asdict
-from datetime import datetime
 from typing import Any
 
 from . import procfs, trace
@@ -72,6 +70,7 @@ class Records:
     def record_error(self, message: str) -> None:
         try:
             make_dirs(self.paths.run, 0o700)
+            from datetime import datetime  # only failures are dated: not at start-up
             when = datetime.now().astimezone().isoformat(timespec="seconds")
             atomic_write(self.paths.error, f"{when} {message}\n", mode=0o644, durable=False)
         except OSError as err:
@@ -153,6 +152,7 @@ def _query_status(paths: RunPaths) -> dict[str, Any]:
     :raise OSError: when QEMU cannot be reached or does not answer in time.
     :raise ValueError: when it answers with an error or something not QMP.
     """
+    import socket  # only a running domain is asked: not at start-up
     trace.count("qmp connect")
     deadline = time.monotonic() + STATUS_TIMEOUT
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:

@@ -91,3 +91,21 @@ def test_a_journal_left_behind_is_recovered_first(quick: Env) -> None:
     assert not journal.exists()
     status = json.loads(quick.snapfs("domain", "status", "--json", DOM).stdout)
     assert "interrupted disk-snapshot-create" in status["last_error"]
+
+
+@pytest.mark.parametrize("written", [
+    "6ba7b810-9dad-11d1-80b4-00c04fd430c8", "6BA7B810-9DAD-11D1-80B4-00C04FD430C8",
+    "{6ba7b810-9dad-11d1-80b4-00c04fd430c8}", "6ba7b8109dad11d180b400c04fd430c8"])
+def test_a_uuid_in_any_form_is_read_canonical(written: str) -> None:
+    from snapfs.config import parse_domain
+    definition = parse_domain(f'name = "u"\nuuid = "{written}"\nmemory = "16M"\n'
+                              '[[disks]]\ndev = "vda"\nfile = "/x.qcow2"\n')
+    assert definition.uuid == "6ba7b810-9dad-11d1-80b4-00c04fd430c8"
+
+
+def test_a_bad_uuid_is_refused() -> None:
+    from snapfs.config import parse_domain
+    from snapfs.errors import ConfigError
+    with pytest.raises(ConfigError, match="'uuid'"):
+        parse_domain('name = "u"\nuuid = "6ba7b810-9dad-11d1-80b4-00c04fd430cz"\n'
+                     'memory = "16M"\n[[disks]]\ndev = "vda"\nfile = "/x.qcow2"\n')
