@@ -27,6 +27,7 @@ from .images import DiskSnapshot, DiskTable
 from .journal import Journal
 from .operation import (
     DeleteStep,
+    Discard,
     DiskCreateStep,
     DiskDeleteStep,
     Locks,
@@ -57,6 +58,7 @@ class Engine:
         self.dirs = dirs
         self.catalog = Catalog(dirs)
         self.views: DiskViews | None = None
+        self.discard: Discard | None = None     # a mounted tree's: unlinks in the background
         self._locks = Locks()
         self._journals: dict[str, Journal] = {}     # for ``recover``'s look only
 
@@ -78,7 +80,8 @@ class Engine:
     async def _operation(self, name: str, what: OpName) -> AsyncIterator[Operation]:
         definition = self.domain(name)
         try:
-            async with run_operation(self.dirs, definition, what, self._locks, recover) as op:
+            async with run_operation(self.dirs, definition, what, self._locks, recover,
+                                     self.discard) as op:
                 yield op
         finally:
             self.catalog.changed(name)

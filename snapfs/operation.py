@@ -17,6 +17,8 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -136,12 +138,19 @@ async def _flock(fd: int) -> None:
             await trio.sleep(LOCK_POLL)
 
 
+# What to do with a save image an operation set aside (``Vm.discarded``).
+Discard = Callable[[Path], None]
+
+
 @asynccontextmanager
 async def run_operation(dirs: Dirs, definition: DomainDef, name: OpName, locks: Locks,
-                        recover: Recover) -> AsyncIterator[Operation]:
+                        recover: Recover, discard: Discard | None = None,
+                        ) -> AsyncIterator[Operation]:
     """Hold the domain's lock for operation ``name`` and yield it; a failure is
     recorded as the domain's last_error. A journal left by a process that died
-    mid-operation is handed to ``recover`` first."""
+    mid-operation is handed to ``recover`` first. The save images the operation
+    set aside are unlinked once the lock is released: handed to ``discard`` (a
+    mounted tree unlinks them in the background), else at once."""
     dirs.ensure()
     vm = Vm(dirs, definition)
     records = Records(vm.paths)
@@ -184,3 +193,10 @@ async def run_operation(dirs: Dirs, definition: DomainDef, name: OpName, locks: 
             records.record_error(f"{name.value}: {first}")
             raise first from None
         raise
+    finally:
+        for path in vm.discarded:
+            if discard is not None:
+                discard(path)
+            else:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(partial(path.unlink, missing_ok=True))

@@ -205,6 +205,20 @@ class Store:
         for path in (self.info_path(name), self.save_path(name), self.config_path(name)):
             path.unlink(missing_ok=True)
 
+    def discard_save(self, name: str) -> Path | None:
+        """Move the save image of ``name`` out of the way, to be unlinked after the
+        operation (None if there is none): unlinking a memory-sized file that is in
+        the page cache takes as long as freeing its pages, ~0.3 s a GiB. Its new name
+        is a temporary of this process, which the next operation removes if this
+        one dies first (``files.remove_stale_temporaries``)."""
+        save = self.save_path(name)
+        gone = self.dir / f".{save.name}.tmp{os.getpid()}"
+        try:
+            os.replace(save, gone)
+        except FileNotFoundError:
+            return None
+        return gone
+
     def save_tmp_path(self, name: str) -> Path:
         """Where a save image is written before it is complete."""
         return self.dir / f".{self.save_path(name).name}.tmp"

@@ -43,6 +43,7 @@ class Vm:
         self._formats: dict[Path, str] = {}
         self._nodes: dict[str, dict[str, Any]] | None = None
         self._tables_changed = False
+        self.discarded: list[Path] = []     # save images to unlink once the operation ends
 
     # -- the QEMU process ------------------------------------------------------
 
@@ -257,4 +258,7 @@ class Vm:
         with trace.phase("delete the disk snapshots"):
             await self.delete_disk_tag(tag)
         with trace.phase("remove the save image and config"):
+            discarded = await trio.to_thread.run_sync(self.store.discard_save, name)
+            if discarded is not None:
+                self.discarded.append(discarded)
             await trio.to_thread.run_sync(self.store.remove, name)
