@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import DomainDef, RunPaths
-from .files import atomic_write, read_text_nofollow
+from .files import atomic_write, make_dirs, read_text_nofollow
 from .store import DAMAGED, VmSnapshot
 
 __all__ = ["DiskSnapshot", "DiskTable", "TableCopy", "table_of", "check_tags", "stat_key",
@@ -143,6 +143,7 @@ class TableCopy:
         data = {"read_at": wall_ns / 1e9, "disks": disks,
                 "settled": settled([k[1] for k in keys if k is not None], wall_ns)}
         try:
+            make_dirs(self.path.parent, 0o700)     # /run is empty after a reboot
             atomic_write(self.path, json.dumps(data), mode=0o600, durable=False)
         except OSError as err:
             logger.debug("cannot keep the disk table in %s: %s", self.path, err)
