@@ -300,6 +300,8 @@ class Peer:
             for snap in self.snapshots(name):
                 virsh("snapshot-delete", name, snap, "--metadata", check=False)
             virsh("undefine", name, "--snapshots-metadata", check=False)
+            # libvirt keeps a log per domain name, which the domain's undefine leaves.
+            Path(f"/var/log/libvirt/qemu/{name}.log").unlink(missing_ok=True)
         self.defined.clear()
 
 
