@@ -15,6 +15,7 @@ an asyncio library, and its import and event loop would cost more than the
 answer. Everything else that speaks QMP goes through ``qmp.py``.
 """
 
+import fcntl
 import json
 import logging
 import os
@@ -134,6 +135,8 @@ def observed_state(paths: RunPaths, busy: bool) -> tuple[RunState, str]:
         return records.remembered_state(), ""
     try:
         status = _query_status(paths)
+    except BlockingIOError:
+        return records.remembered_state(), ""
     except (OSError, ValueError) as err:
         logger.debug("status of %s: %s", paths.qmp, err)
         return records.remembered_state(), ""
@@ -149,9 +152,22 @@ def observed_state(paths: RunPaths, busy: bool) -> tuple[RunState, str]:
 def _query_status(paths: RunPaths) -> dict[str, Any]:
     """QMP ``query-status`` over the domain's socket, within STATUS_TIMEOUT in all.
 
+    :raise BlockingIOError: when an operation holds the domain's lock.
     :raise OSError: when QEMU cannot be reached or does not answer in time.
     :raise ValueError: when it answers with an error or something not QMP.
     """
+    # Asked only while no operation holds the domain's lock, and holding it: QEMU
+    # serves one monitor client at a time, and an operation starting meanwhile
+    # must find the monitor free (it waits for the lock instead).
+    lock = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)    # BlockingIOError: busy
+        return _query_status_locked(paths)
+    finally:
+        os.close(lock)
+
+
+def _query_status_locked(paths: RunPaths) -> dict[str, Any]:
     import socket  # only a running domain is asked: not at start-up
     trace.count("qmp connect")
     deadline = time.monotonic() + STATUS_TIMEOUT
