@@ -32,8 +32,9 @@ from .operation import UNDO_PREFIX, ApplyStep, Operation
 from .procfs import file_position
 from .qemu import last_words
 from .save import PROGRESS_EVERY, SaveMode, create, seal_save
+from .saves import CheckedSaves, sha256_file
 from .status import RunState
-from .store import UNDO, UNDO_NEXT, CheckedSaves, VmSnapshot, sha256_file
+from .store import UNDO, UNDO_NEXT, VmSnapshot
 from .tasks import side_by_side
 from .vm import Vm
 

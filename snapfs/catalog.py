@@ -34,7 +34,7 @@ follow has no generation: its keys are checked.
 import os
 import time
 from collections.abc import Awaitable, Callable, Hashable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -43,33 +43,17 @@ import trio
 from . import images
 from .config import Dirs, DomainDef, load_domain
 from .errors import NotFound
-from .images import DiskSnapshot, DiskTable
-from .store import DAMAGED, Store, VmSnapshot
+from .store import Store, VmSnapshot
+from .tables import FRESH, SETTLED, DiskTable, TableCopy, check_tags, settled, stat_key, table_of
 from .watch import DomainWatch, Sources
 
 __all__ = ["Catalog", "FRESH", "SETTLED"]
 
-FRESH = 0.5
-SETTLED = 1.0
 CONFIGS_MAX = 10_000   # saved definitions kept (a few KiB each); past this, start again
 KEPT_MAX = 10_000      # single snapshots or save sizes kept for one generation
 
 T = TypeVar("T")
 K = TypeVar("K", bound=Hashable)
-StatKey = tuple[int, int, int] | None
-
-
-def stat_key(path: Path | str) -> StatKey:
-    """What changes when a file is written, replaced or resized; None if absent."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_ino, st.st_mtime_ns, st.st_size
-
-
-def _settled(mtimes: list[int], wall_ns: int) -> bool:
-    return all(wall_ns - m > SETTLED * 1e9 for m in mtimes)
 
 
 @dataclass
@@ -205,7 +189,7 @@ class Catalog:
             return cached
         definition = load_domain(self.dirs, name)
         if key is not None:
-            self._definitions.put(name, key, _settled([key[1]], wall), generation, definition)
+            self._definitions.put(name, key, settled([key[1]], wall), generation, definition)
         return definition
 
     def store(self, name: str) -> Store:
@@ -226,8 +210,8 @@ class Catalog:
 
         async def load() -> dict[str, VmSnapshot]:
             return {s.name: s for s in await trio.to_thread.run_sync(store.list)}
-        settled = mtime is None or _settled([mtime], wall)
-        return await self._lists.read(name, mtime, settled, generation, load)
+        steady = mtime is None or settled([mtime], wall)
+        return await self._lists.read(name, mtime, steady, generation, load)
 
     async def checked_snapshots(self, name: str) -> dict[str, VmSnapshot]:
         """``snapshots``, where one whose disk snapshot is missing on a disk of the
@@ -237,7 +221,7 @@ class Catalog:
         cached = self._checked.get(name)
         if cached is not None and cached[0] is snaps and cached[1] is table:
             return cached[2]
-        checked = {n: _check_tags(s, table) for n, s in snaps.items()}
+        checked = {n: check_tags(s, table) for n, s in snaps.items()}
         self._checked[name] = (snaps, table, checked)
         return checked
 
@@ -282,10 +266,10 @@ class Catalog:
         definition = self.definition(name)
         wall = time.time_ns()
         keys = tuple(stat_key(disk.file) for disk in definition.disks)
-        settled = all(k is not None for k in keys) and _settled(
+        steady = all(k is not None for k in keys) and settled(
             [k[1] for k in keys if k is not None], wall)
-        return await self._tables.read(name, keys, settled, generation,
-                                       lambda: _read_table(definition))
+        return await self._tables.read(name, keys, steady, generation,
+                                       lambda: _read_table(self.dirs, definition))
 
     async def config(self, name: str, snap: VmSnapshot) -> bytes:
         """The definition saved with ``snap``. :raise NotFound:"""
@@ -303,26 +287,13 @@ class Catalog:
         return data
 
 
-def _check_tags(snap: VmSnapshot, table: DiskTable) -> VmSnapshot:
-    if snap.damage:
-        return snap
-    have = {d.dev for d in table.tags.get(snap.disk_tag, [])}
-    # Only the disks the domain has now can be looked at.
-    missing = [dev for dev in snap.disks if dev in table.sizes and dev not in have]
-    if not missing:
-        return snap
-    return replace(snap, state=DAMAGED, damage=f"its disk snapshot {snap.disk_tag!r} is "
-                   f"missing on {', '.join(missing)}")
-
-
-async def _read_table(definition: DomainDef) -> DiskTable:
-    table = DiskTable({}, {})
-    for disk in definition.disks:
-        info = await images.stable_info(disk.file)
-        # A snapshot is exported with the disk's size now: a disk resized since is
-        # cut, or reads zeros past the end.
-        table.sizes[disk.dev] = (int(info["virtual-size"]), int(info.get("actual-size", 0)))
-        for raw in info.get("snapshots", []):
-            snap = DiskSnapshot.from_qemu(disk.dev, raw)
-            table.tags.setdefault(snap.tag, []).append(snap)
-    return table
+async def _read_table(dirs: Dirs, definition: DomainDef) -> DiskTable:
+    """The disks' tables: as another process last read them if the images are still
+    as they were then (``tables.TableCopy``), else with ``qemu-img info -U``."""
+    copy = TableCopy(dirs.of(definition.name), definition)
+    infos = await trio.to_thread.run_sync(copy.load)
+    if infos is None:
+        wall, keys = time.time_ns(), await trio.to_thread.run_sync(copy.keys)
+        infos = [(disk.dev, await images.stable_info(disk.file)) for disk in definition.disks]
+        await trio.to_thread.run_sync(copy.save, keys, wall, infos)
+    return table_of(infos)

@@ -17,13 +17,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .config import Dirs
+from .config import Dirs, list_domains
 from .errors import SnapfsError
 from .status import printable
 
 if TYPE_CHECKING:
     from .engine import Engine
+    from .status import DomainStatus
     from .store import VmSnapshot
+    from .tables import DiskSnapshot
 
 __all__ = ["main"]
 
@@ -78,20 +80,26 @@ async def cmd_domain(engine: Engine, args: argparse.Namespace) -> None:
                                                                   " after the ACPI timeout") + ")"
         print(f"domain {args.domain} {how}")
     elif args.verb in ("list", "status"):
-        names = engine.domain_names() if args.verb == "list" else [args.domain]
-        statuses = [await engine.domain_status(n) for n in names]
-        if args.json:
-            _json([asdict(s) for s in statuses] if args.verb == "list" else asdict(statuses[0]))
-            return
-        rows = [[s.name, s.state, s.current or "-",
-                 s.operation.operation if s.operation else "-"] for s in statuses]
-        _print_table(rows, ["NAME", "STATE", "CURRENT", "OPERATION"])
-        if args.verb == "status" and statuses[0].reason:
-            print(f"crashed: {printable(statuses[0].reason)}; `snapfs domain start "
-                  f"{args.domain}` starts it again (its running state is lost: "
-                  "vm-snapshot-apply brings one back)")
-        if args.verb == "status" and statuses[0].last_error:
-            print(f"last error: {printable(statuses[0].last_error)}")
+        _show_statuses([await engine.domain_status(n) for n in _domains(engine.dirs, args)], args)
+
+
+def _domains(dirs: Dirs, args: argparse.Namespace) -> list[str]:
+    return list_domains(dirs) if args.verb == "list" else [args.domain]
+
+
+def _show_statuses(statuses: list[DomainStatus], args: argparse.Namespace) -> None:
+    if args.json:
+        _json([asdict(s) for s in statuses] if args.verb == "list" else asdict(statuses[0]))
+        return
+    rows = [[s.name, s.state, s.current or "-",
+             s.operation.operation if s.operation else "-"] for s in statuses]
+    _print_table(rows, ["NAME", "STATE", "CURRENT", "OPERATION"])
+    if args.verb == "status" and statuses[0].reason:
+        print(f"crashed: {printable(statuses[0].reason)}; `snapfs domain start "
+              f"{args.domain}` starts it again (its running state is lost: "
+              "vm-snapshot-apply brings one back)")
+    if args.verb == "status" and statuses[0].last_error:
+        print(f"last error: {printable(statuses[0].last_error)}")
 
 
 async def _show_progress(engine: Engine, domain: str) -> None:
@@ -147,20 +155,23 @@ async def cmd_vm_snapshot(engine: Engine, args: argparse.Namespace) -> None:
         print(f"domain {args.domain} reverted to VM snapshot {args.name}"
               f"{' (paused)' if args.paused else ''}")
     elif args.verb == "list":
-        snaps = await engine.vm_snapshot_list(args.domain)
-        if args.tree:
-            print("\n".join(printable(line) for line in _lineage(snaps)))
-            return
-        if args.json:
-            _json([{**asdict(s), "save": str(s.save) if s.save else None} for s in snaps])
-            return
-        _print_table([[s.name, _time(s.creation_time), s.state,
-                       _human_size(s.save_size) if s.save else "-", s.parent or "-"]
-                      for s in snaps], ["NAME", "CREATED", "STATE", "SAVE SIZE", "PARENT"])
-        for snap in snaps:
-            if snap.damage:
-                print(f"{printable(snap.name)} is damaged: {printable(snap.damage)} "
-                      f"(vm-snapshot-delete removes what is left of it)")
+        _show_vm_snapshots(await engine.vm_snapshot_list(args.domain), args)
+
+
+def _show_vm_snapshots(snaps: list[VmSnapshot], args: argparse.Namespace) -> None:
+    if args.tree:
+        print("\n".join(printable(line) for line in _lineage(snaps)))
+        return
+    if args.json:
+        _json([{**asdict(s), "save": str(s.save) if s.save else None} for s in snaps])
+        return
+    _print_table([[s.name, _time(s.creation_time), s.state,
+                   _human_size(s.save_size) if s.save else "-", s.parent or "-"]
+                  for s in snaps], ["NAME", "CREATED", "STATE", "SAVE SIZE", "PARENT"])
+    for snap in snaps:
+        if snap.damage:
+            print(f"{printable(snap.name)} is damaged: {printable(snap.damage)} "
+                  f"(vm-snapshot-delete removes what is left of it)")
 
 
 def _lineage(snaps: list[VmSnapshot]) -> list[str]:
@@ -195,13 +206,16 @@ async def cmd_disk_snapshot(engine: Engine, args: argparse.Namespace) -> None:
         await engine.disk_snapshot_delete(args.domain, id=args.id, tag=args.name)
         print(f"disk snapshot {args.name or 'id ' + args.id} of {args.domain} deleted")
     elif args.verb == "list":
-        snaps = await engine.disk_snapshot_list(args.domain)
-        if args.json:
-            _json([asdict(s) for s in snaps])
-            return
-        _print_table([[s.dev, s.id, s.tag, _human_size(s.vm_state_size), _time(s.date_sec),
-                       _clock(s.vm_clock_sec, s.vm_clock_nsec)] for s in snaps],
-                     ["DISK", "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK"])
+        _show_disk_snapshots(await engine.disk_snapshot_list(args.domain), args)
+
+
+def _show_disk_snapshots(snaps: list[DiskSnapshot], args: argparse.Namespace) -> None:
+    if args.json:
+        _json([asdict(s) for s in snaps])
+        return
+    _print_table([[s.dev, s.id, s.tag, _human_size(s.vm_state_size), _time(s.date_sec),
+                   _clock(s.vm_clock_sec, s.vm_clock_nsec)] for s in snaps],
+                 ["DISK", "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK"])
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -298,7 +312,10 @@ def main(argv: list[str] | None = None) -> int:
             from .ops.mount import mount
             return mount(dirs, Path(args.mountpoint), foreground=args.foreground,
                          allow_other=args.allow_other)
-        # Imported here: `--help` and a usage error need neither trio nor the engine.
+        if _from_files(dirs, args):
+            return 0
+        # Imported here: `--help`, a usage error and what files can answer need
+        # neither trio nor the engine.
         import trio
 
         from .engine import Engine
@@ -309,6 +326,32 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as err:
         return _failed(what, err)
     return 0
+
+
+def _from_files(dirs: Dirs, args: argparse.Namespace) -> bool:
+    """Answer a read-only command from files (``glance``), without trio and the engine;
+    false when files cannot tell, or to say why not: the engine then answers, and
+    words a failure as it always does."""
+    from . import glance
+    try:
+        if args.command == "domain" and args.verb in ("list", "status"):
+            statuses = glance.statuses(dirs, _domains(dirs, args))
+            if statuses is not None:
+                _show_statuses(statuses, args)
+            return statuses is not None
+        if args.command == "vm-snapshot-list":
+            snaps = glance.vm_snapshots(dirs, args.domain)
+            if snaps is not None:
+                _show_vm_snapshots(snaps, args)
+            return snaps is not None
+        if args.command == "disk-snapshot-list":
+            tags = glance.disk_snapshots(dirs, args.domain)
+            if tags is not None:
+                _show_disk_snapshots(tags, args)
+            return tags is not None
+    except SnapfsError:
+        pass
+    return False
 
 
 def _failed(what: str, err: BaseException) -> int:

@@ -7,7 +7,6 @@ value is checked here, once, so the rest of the code can trust a ``DomainDef``.
 import os
 import re
 import tomllib
-import uuid as uuidlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,11 +17,14 @@ from .files import make_dirs, read_text_nofollow
 __all__ = [
     "Dirs", "RunPaths", "Disk", "Nic", "DomainDef", "parse_domain", "load_domain",
     "list_domains", "definition_path", "check_snapshot_name", "check_domain_name", "parse_size",
-    "random_mac", "NVRAM_DEV",
+    "random_mac", "NVRAM_DEV", "qemu_opt",
 ]
 
 DOMAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 DEV_NAME = re.compile(r"[a-z][a-z0-9]{0,15}")
+# What `domain define` writes; the uuid module (and its libuuid) is loaded only for
+# another form, so that reading a definition costs no more than its parsing.
+CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 BUSES = ("virtio", "ide", "scsi")
 ACCELS = ("kvm", "tcg")
 FIRMWARES = ("bios", "uefi")
@@ -88,6 +90,12 @@ class Dirs:
             make_dirs(path, 0o700)
 
 
+def qemu_opt(value: str) -> str:
+    """``value`` inside QEMU's ``key=value,...`` option syntax: a doubled comma is a
+    literal one. The only escaping snapfs does (never an HMP command string)."""
+    return value.replace(",", ",,")
+
+
 def nbd_dir(run: Path | str) -> Path:
     """``<run dir>/nbd``, resolved: qemu-nbd's socket paths are compared as strings."""
     return Path(os.path.realpath(run)) / "nbd"
@@ -104,6 +112,7 @@ class RunPaths:
         <run dir>/<name>.error   last_error: "<ISO 8601 local time> <message>"
         <run dir>/<name>.state   the run state last seen, for when QMP is busy
         <run dir>/<name>.checked save images whose sha256 was checked since boot (JSON)
+        <run dir>/<name>.disks   the disks' snapshot tables as last read (JSON)
     """
 
     def __init__(self, run: Path, name: str) -> None:
@@ -116,11 +125,18 @@ class RunPaths:
         self.error = run / f"{name}.error"
         self.state = run / f"{name}.state"
         self.checked = run / f"{name}.checked"
+        self.disks = run / f"{name}.disks"
+
+    @property
+    def qmp_argument(self) -> str:
+        """QEMU's ``-qmp`` argument: how the domain's QEMU is told from other processes."""
+        return f"unix:{qemu_opt(str(self.qmp))},server=on,wait=off"
 
     def records(self) -> tuple[Path, ...]:
         """What a domain leaves in the run dir once its QEMU is gone (an undefine
         removes them; the lock stays, as another process may be waiting on it)."""
-        return (self.qmp, self.pid, self.log, self.op, self.error, self.state, self.checked)
+        return (self.qmp, self.pid, self.log, self.op, self.error, self.state, self.checked,
+                self.disks)
 
 
 @dataclass(frozen=True)
@@ -339,7 +355,9 @@ def parse_domain(text: str, source: str = "definition") -> DomainDef:
     except InvalidName as err:
         raise ConfigError(f"{source}: 'name': {err}") from None
     uuid = _get(table, "uuid", str, source, default="")
-    if uuid:
+    if uuid and not CANONICAL_UUID.fullmatch(uuid):
+        # Written by hand in another form (upper case, braces, no dashes): made canonical.
+        import uuid as uuidlib
         try:
             uuid = str(uuidlib.UUID(uuid))
         except ValueError:

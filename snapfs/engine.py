@@ -18,7 +18,7 @@ from pathlib import Path
 import trio
 
 from . import apply as applying
-from . import domains, qemu
+from . import domains, glance, qemu, trace
 from .catalog import Catalog
 from .config import DOMAIN_NAME, Dirs, DomainDef, check_snapshot_name, list_domains
 from .disks import DiskQueries
@@ -28,6 +28,7 @@ from .images import DiskSnapshot, DiskTable
 from .journal import Journal
 from .operation import (
     DeleteStep,
+    Discard,
     DiskCreateStep,
     DiskDeleteStep,
     Locks,
@@ -38,9 +39,9 @@ from .operation import (
 )
 from .recovery import recover
 from .save import SaveMode, create
+from .saves import FileReader
 from .status import DomainStatus, Progress
-from .store import UNDO, UNDO_NEXT, FileReader, VmSnapshot
-from .vm import Vm
+from .store import UNDO, UNDO_NEXT, VmSnapshot
 
 __all__ = ["Engine", "DomainStatus", "Progress", "SaveMode"]
 
@@ -58,6 +59,7 @@ class Engine(DiskQueries):
         self.dirs = dirs
         self.catalog = Catalog(dirs)
         self.views: DiskViews | None = None
+        self.discard: Discard | None = None     # a mounted tree's: unlinks in the background
         self._locks = Locks()
         self._journals: dict[str, Journal] = {}     # for ``recover``'s look only
 
@@ -79,7 +81,8 @@ class Engine(DiskQueries):
     async def _operation(self, name: str, what: OpName) -> AsyncIterator[Operation]:
         definition = self.domain(name)
         try:
-            async with run_operation(self.dirs, definition, what, self._locks, recover) as op:
+            async with run_operation(self.dirs, definition, what, self._locks, recover,
+                                     self.discard) as op:
                 yield op
         finally:
             self.catalog.changed(name)
@@ -128,22 +131,19 @@ class Engine(DiskQueries):
             return clean
 
     async def domain_status(self, name: str) -> DomainStatus:
-        """The domain's run state, current snapshot, operation in progress and last error;
-        while an operation holds the monitor, the state it last recorded (no wait)."""
-        vm = Vm(self.dirs, self.domain(name))
+        """The domain's run state, current snapshot, operation in progress and last error
+        (``glance.domain_status``: what the CLI says without the engine)."""
+        definition = self.domain(name)
         await self.recover(name)
-        op = self.progress(name)
-        state, reason = await vm.observed_state(busy=op is not None)
-        current = await trio.to_thread.run_sync(vm.store.current)
-        return DomainStatus(name, state.value, current, op, Records(vm.paths).last_error(),
-                            reason)
+        return await trio.to_thread.run_sync(glance.domain_status, self.dirs, definition)
 
     # -- disk snapshots ---------------------------------------------------------
 
     async def disk_snapshot_list(self, name: str) -> list[DiskSnapshot]:
-        """Every internal snapshot of every disk, in disk order then id order."""
-        async with self._operation(name, OpName.DISK_SNAPSHOT_LIST) as op:
-            return await op.vm.disk_snapshots()
+        """Every internal snapshot of every disk, in disk order then table order."""
+        self.domain(name)
+        await self.recover(name)
+        return list((await self.catalog.disk_table(name)).listed)
 
     async def disk_snapshot_create(self, name: str, tag: str | None = None) -> str:
         """One internal snapshot of every disk at one instant, all or none; returns its tag."""
@@ -211,7 +211,8 @@ class Engine(DiskQueries):
             op.vm.refuse_viewed(snap.disk_tag)
             op.begin(snapshot=snapshot, tag=snap.disk_tag, parent=snap.parent)
             op.step(DeleteStep.REPARENT)
-            await trio.to_thread.run_sync(op.vm.store.reparent, snapshot, snap.parent)
+            with trace.phase("reparent"):
+                await trio.to_thread.run_sync(op.vm.store.reparent, snapshot, snap.parent)
             op.step(DeleteStep.FORGET)
             await op.vm.forget(snap.name, snap.disk_tag)
 

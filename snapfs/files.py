@@ -1,9 +1,10 @@
 """Small file primitives every writer in snapfs uses: atomic replace, safe opens."""
 
-import ctypes
+import functools
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from . import procfs
 
@@ -94,12 +95,19 @@ def remove_stale_temporaries(directory: Path) -> int:
 
 
 _SYNC_FILE_RANGE_WRITE = 2
-_sync_file_range: "ctypes._NamedFuncPointer | None"
-try:
-    _sync_file_range = ctypes.CDLL(None, use_errno=True).sync_file_range
-    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-except (OSError, AttributeError):  # not glibc/Linux: the final fsync does it all
-    _sync_file_range = None
+
+
+@functools.cache
+def _sync_file_range() -> Any:
+    """libc's ``sync_file_range``, None where there is none: looked up on first use,
+    since ctypes and libc's symbols cost start-up time that most commands never need."""
+    import ctypes
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):  # not glibc/Linux: the final fsync does it all
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return function
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:
@@ -107,5 +115,6 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     (``sync_file_range(SYNC_FILE_RANGE_WRITE)``), so that the fsync which makes a
     save image durable finds little left to write: done behind a reader that
     follows the writer, the flush overlaps the writing."""
-    if _sync_file_range is not None:
-        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+    function = _sync_file_range()
+    if function is not None:
+        function(fd, offset, length, _SYNC_FILE_RANGE_WRITE)

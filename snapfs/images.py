@@ -6,55 +6,20 @@ closed images, and reads open ones with ``-U`` (force-share).
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from . import trace
+from .config import qemu_opt
 from .errors import NotFound, QemuError, StateError
+from .tables import DiskSnapshot, DiskTable
 
 __all__ = ["DiskSnapshot", "DiskTable", "qemu_opt", "image_info", "stable_info",
            "list_snapshots", "snapshot_create", "snapshot_delete", "snapshot_apply", "run_tool"]
 
 logger = logging.getLogger(__name__)
-
-
-def qemu_opt(value: str) -> str:
-    """``value`` inside QEMU's ``key=value,...`` option syntax: a doubled comma is a
-    literal one. The only escaping snapfs does (never an HMP command string)."""
-    return value.replace(",", ",,")
-
-
-@dataclass(frozen=True)
-class DiskSnapshot:
-    """One internal snapshot of one disk, as qcow2 records it (xl's libxl_snapshot)."""
-
-    dev: str
-    id: str
-    tag: str
-    vm_state_size: int
-    date_sec: int
-    date_nsec: int
-    vm_clock_sec: int
-    vm_clock_nsec: int
-
-    @classmethod
-    def from_qemu(cls, dev: str, info: dict[str, Any]) -> "DiskSnapshot":
-        """From a ``SnapshotInfo`` of QMP or ``qemu-img info --output=json``."""
-        return cls(dev=dev, id=str(info["id"]), tag=info["name"],
-                   vm_state_size=int(info.get("vm-state-size", 0)),
-                   date_sec=int(info["date-sec"]), date_nsec=int(info["date-nsec"]),
-                   vm_clock_sec=int(info["vm-clock-sec"]), vm_clock_nsec=int(info["vm-clock-nsec"]))
-
-
-@dataclass(frozen=True)
-class DiskTable:
-    """What ``qemu-img info -U`` says about a domain's disks, read together."""
-
-    tags: dict[str, list[DiskSnapshot]]     # tag -> its snapshot on each disk, in disk order
-    sizes: dict[str, tuple[int, int]]       # dev -> (virtual size, bytes the image file takes)
 
 
 async def run_tool(args: list[str], what: str) -> str:

@@ -11,22 +11,23 @@ name.
 
 import enum
 import fcntl
-import json
 import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import trio
 
 from . import trace
-from .config import Dirs, DomainDef, RunPaths
+from .config import Dirs, DomainDef
+from .domstate import Records
 from .errors import SnapfsError
-from .files import atomic_write, make_dirs, remove_stale_temporaries
+from .files import remove_stale_temporaries
 from .journal import Entry, Journal
 from .status import Progress
 from .tasks import cause
@@ -50,7 +51,6 @@ class OpName(enum.StrEnum):
     VM_SNAPSHOT_APPLY = "vm-snapshot-apply"
     DISK_SNAPSHOT_CREATE = "disk-snapshot-create"
     DISK_SNAPSHOT_DELETE = "disk-snapshot-delete"
-    DISK_SNAPSHOT_LIST = "disk-snapshot-list"
     DISK_VIEW = "disk-view"
     RECOVERY = "recovery"
 
@@ -93,49 +93,6 @@ class DiskDeleteStep(enum.StrEnum):
 UNDO_PREFIX = "undo:"
 
 
-class Records:
-    """A domain's run-dir records of operations: progress, last error."""
-
-    def __init__(self, paths: RunPaths) -> None:
-        self.paths = paths
-
-    def record_error(self, message: str) -> None:
-        try:
-            make_dirs(self.paths.run, 0o700)
-            when = datetime.now().astimezone().isoformat(timespec="seconds")
-            atomic_write(self.paths.error, f"{when} {message}\n", mode=0o644, durable=False)
-        except OSError as err:
-            logger.warning("cannot record last error in %s: %s", self.paths.error, err)
-
-    def last_error(self) -> str:
-        try:
-            return self.paths.error.read_text().strip()
-        except OSError:
-            return ""
-
-    def write_progress(self, progress: Progress) -> None:
-        try:
-            atomic_write(self.paths.op, json.dumps(asdict(progress)), mode=0o644, durable=False)
-        except OSError as err:
-            logger.debug("cannot record progress in %s: %s", self.paths.op, err)
-
-    def read_progress(self) -> Progress | None:
-        """The operation in progress, if the process running it is alive (a dead
-        one's operation is the journal's to recover)."""
-        try:
-            progress = Progress(**json.loads(self.paths.op.read_text()))
-        except (OSError, ValueError, TypeError):
-            return None
-        try:
-            os.kill(progress.pid, 0)
-        except (ProcessLookupError, PermissionError):
-            return None
-        return progress
-
-    def end_progress(self) -> None:
-        self.paths.op.unlink(missing_ok=True)
-
-
 @dataclass
 class Operation:
     """What one running operation has: the domain at run time, its journal, its records."""
@@ -149,7 +106,8 @@ class Operation:
 
     def begin(self, **facts: Any) -> None:
         """Journal the operation: from here on a killed process is recovered."""
-        self.journal.begin(self.name.value, **facts)
+        with trace.phase("journal"):
+            self.journal.begin(self.name.value, **facts)
 
     def step(self, step: enum.StrEnum, prefix: str = "") -> None:
         self.journal.step(prefix + step.value)
@@ -182,12 +140,19 @@ async def _flock(fd: int) -> None:
             await trio.sleep(LOCK_POLL)
 
 
+# What to do with a save image an operation set aside (``Vm.discarded``).
+Discard = Callable[[Path], None]
+
+
 @asynccontextmanager
 async def run_operation(dirs: Dirs, definition: DomainDef, name: OpName, locks: Locks,
-                        recover: Recover) -> AsyncIterator[Operation]:
+                        recover: Recover, discard: Discard | None = None,
+                        ) -> AsyncIterator[Operation]:
     """Hold the domain's lock for operation ``name`` and yield it; a failure is
     recorded as the domain's last_error. A journal left by a process that died
-    mid-operation is handed to ``recover`` first."""
+    mid-operation is handed to ``recover`` first. The save images the operation
+    set aside are unlinked once the lock is released: handed to ``discard`` (a
+    mounted tree unlinks them in the background), else at once."""
     dirs.ensure()
     vm = Vm(dirs, definition)
     records = Records(vm.paths)
@@ -213,6 +178,7 @@ async def run_operation(dirs: Dirs, definition: DomainDef, name: OpName, locks: 
                     records.write_progress(progress)
                     try:
                         yield op
+                        await vm.keep_tables()
                     finally:
                         journal.end()
                         records.end_progress()
@@ -229,3 +195,10 @@ async def run_operation(dirs: Dirs, definition: DomainDef, name: OpName, locks: 
             records.record_error(f"{name.value}: {first}")
             raise first from None
         raise
+    finally:
+        for path in vm.discarded:
+            if discard is not None:
+                discard(path)
+            else:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(partial(path.unlink, missing_ok=True))

@@ -1,4 +1,5 @@
-"""A domain's QEMU process: its command line, start, quit, power-down, last words.
+"""A domain's QEMU process: its command line, start, quit, power-down (its pid and
+last words are read in ``domstate``, which needs no trio).
 
 QEMU runs daemonized with its QMP socket and pidfile in the run dir, so it
 outlives the snapfs process that started it and any snapfs process can find it.
@@ -13,18 +14,18 @@ from typing import Any
 
 import trio
 
-from . import procfs, qmp
-from .config import NVRAM_DEV, DomainDef, RunPaths
+from . import qmp
+from .config import NVRAM_DEV, DomainDef, RunPaths, qemu_opt
+from .domstate import QEMU, last_words, running_pid
 from .errors import AlreadyExists, ConfigError, NotFound, QemuError, StateError
 from .files import make_dirs
-from .images import qemu_opt, run_tool
+from .images import run_tool
 
 __all__ = ["qemu_command", "running_pid", "start", "quit", "powerdown", "kvm_device",
            "last_words", "QEMU", "QMP_TIMEOUT", "OVMF_CODE", "OVMF_VARS", "boot_files"]
 
 logger = logging.getLogger(__name__)
 
-QEMU = "qemu-system-x86_64"
 # How long QEMU may take to answer QMP or to exit after ``quit``.
 QMP_TIMEOUT = 30.0
 _BUS_DEVICE = {"virtio": "virtio-blk-pci", "ide": "ide-hd", "scsi": "scsi-hd"}
@@ -51,7 +52,7 @@ def qemu_command(dom: DomainDef, paths: RunPaths, formats: dict[str, str], *,
         "-machine", machine, "-m", f"{dom.memory_mib}M", "-smp", str(dom.cpus),
         "-nodefaults", "-no-user-config", "-display", "none",
         "-daemonize", "-pidfile", str(paths.pid), "-D", str(paths.log),
-        "-qmp", f"unix:{qemu_opt(str(paths.qmp))},server=on,wait=off",
+        "-qmp", paths.qmp_argument,
     ]
     if dom.firmware == "uefi":
         cmd += ["-blockdev", json.dumps({
@@ -100,29 +101,6 @@ def boot_files(dom: DomainDef) -> list[tuple[str, Path]]:
     if dom.firmware == "uefi":
         files.append(("firmware", OVMF_CODE))
     return [(key, path) for key, path in files if path is not None]
-
-
-def last_words(paths: RunPaths) -> str:
-    """QEMU's last error message: with -D, a daemonized QEMU keeps stderr in that log."""
-    try:
-        lines = paths.log.read_text(errors="replace").splitlines()
-    except OSError:
-        return ""
-    errors = [line.removeprefix(f"{QEMU}: ") for line in lines if ": warning:" not in line]
-    return "; ".join(errors[-2:])
-
-
-def running_pid(paths: RunPaths) -> int | None:
-    """The pid of the domain's QEMU if it is alive, checked against its command line."""
-    try:
-        pid = int(paths.pid.read_text().strip())
-    except (OSError, ValueError):
-        return None
-    # A recycled pid belongs to another program: trust it only if it is our QEMU.
-    socket_arg = f"unix:{qemu_opt(str(paths.qmp))},server=on,wait=off"
-    if socket_arg not in procfs.cmdline(pid) or not procfs.alive(pid):
-        return None
-    return pid
 
 
 async def start(paths: RunPaths, dom: DomainDef, formats: dict[str, str], *,

@@ -35,8 +35,9 @@ import trio
 from . import qmp, trace
 from .errors import NoSpace, QemuError, SnapfsError
 from .operation import CreateStep, Operation
+from .saves import CheckedSaves, GrowingHash, sha256_file
 from .status import RunState
-from .store import UNDO, UNDO_NEXT, CheckedSaves, GrowingHash, VmSnapshot, sha256_file
+from .store import UNDO, UNDO_NEXT, VmSnapshot
 from .vm import Vm
 
 __all__ = ["SaveMode", "create", "seal_save", "settle"]

@@ -8,28 +8,25 @@ at a time, and each session costs a connection and a handshake).
 """
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from . import images, qemu, qmp
+from . import images, qemu, qmp, trace
 from .config import Dirs, Disk, DomainDef
 from .diskview import exported
-from .errors import AlreadyExists, Busy, NotSupported, QemuError, SnapfsError
-from .files import atomic_write
+from .domstate import Records, running_pid
+from .errors import AlreadyExists, Busy, NotSupported, SnapfsError
 from .images import DiskSnapshot
 from .status import RunState
 from .store import Store
+from .tables import TableCopy
 
 __all__ = ["Vm"]
 
 logger = logging.getLogger(__name__)
-
-STATUS_TIMEOUT = 2.0    # how long `domain status` waits for QEMU's answer
-# QEMU's run states in which the guest cannot go on: a KVM internal error, a
-# guest kernel panic reported through pvpanic.
-CRASH_STATUSES = ("internal-error", "guest-panicked")
 
 
 class Vm:
@@ -44,11 +41,14 @@ class Vm:
         self._monitor: qmp.Monitor | None = None
         self._images: dict[Path, dict[str, Any]] = {}
         self._formats: dict[Path, str] = {}
+        self._nodes: dict[str, dict[str, Any]] | None = None
+        self._tables_changed = False
+        self.discarded: list[Path] = []     # save images to unlink once the operation ends
 
     # -- the QEMU process ------------------------------------------------------
 
     def pid(self) -> int | None:
-        return qemu.running_pid(self.paths)
+        return running_pid(self.paths)
 
     @property
     def running(self) -> bool:
@@ -77,51 +77,16 @@ class Vm:
         status = await (await self.monitor()).execute("query-status")
         return RunState.RUNNING if status.get("running") else RunState.PAUSED
 
-    async def observed_state(self, busy: bool) -> tuple[RunState, str]:
-        """The run state and, when crashed, why; without waiting: while an operation
-        holds the monitor (``busy``), or QEMU does not answer within
-        STATUS_TIMEOUT, the state the last operation recorded."""
-        if not self.running:
-            # QEMU removes its pidfile when it exits, and snapfs when it kills it.
-            if self.paths.pid.exists():
-                return RunState.CRASHED, "QEMU exited without being stopped" + (
-                    f": {qemu.last_words(self.paths)}" if qemu.last_words(self.paths) else "")
-            return RunState.SHUTOFF, ""
-        state, reason = self.remembered_state(), ""
-        if not busy:
-            with trio.move_on_after(STATUS_TIMEOUT):
-                try:
-                    status = await (await self.monitor()).execute("query-status")
-                    state = RunState.RUNNING if status.get("running") else RunState.PAUSED
-                    if status.get("status") in CRASH_STATUSES:
-                        state = RunState.CRASHED
-                        words = qemu.last_words(self.paths)
-                        reason = f"QEMU stopped the guest: {status['status']}" + (
-                            f" ({words})" if words else "")
-                    self.remember_state(state)
-                except QemuError as err:
-                    logger.debug("status of %s: %s", self.name, err)
-            await self.aclose()
-        return state, reason
-
     def remember_state(self, state: RunState) -> None:
         """Keep the state for ``domain status`` while an operation holds the monitor."""
-        try:
-            atomic_write(self.paths.state, state.value, mode=0o644, durable=False)
-        except OSError as err:
-            logger.debug("cannot record state of %s: %s", self.name, err)
-
-    def remembered_state(self) -> RunState:
-        try:
-            return RunState(self.paths.state.read_text().strip())
-        except (OSError, ValueError):
-            return RunState.RUNNING
+        Records(self.paths).remember_state(state)
 
     async def start(self, definition: DomainDef | None = None, *, paused: bool = False,
                     incoming: bool = False) -> None:
         """Start QEMU from ``definition`` (the domain's own by default)."""
         target = definition or self.definition
         await self.close_monitor()
+        self.forget_images()
         await qemu.start(self.paths, target, await self.formats(target), paused=paused,
                          incoming=incoming)
 
@@ -130,6 +95,7 @@ class Vm:
         if self.running:
             await qemu.quit(self.paths, self._monitor)
         await self.close_monitor()
+        self.forget_images()
 
     # -- its disks ---------------------------------------------------------------
 
@@ -142,14 +108,51 @@ class Vm:
             self._formats[disk.file] = str(info["format"])
         return info
 
+    async def block_nodes(self) -> dict[str, dict[str, Any]]:
+        """The running QEMU's block nodes by name, asked once per operation: the
+        formats and snapshot tables of the images it has open, without a
+        ``qemu-img`` process per disk."""
+        if self._nodes is None:
+            nodes = await (await self.monitor()).execute("query-named-block-nodes",
+                                                         {"flat": True})
+            self._nodes = {n["node-name"]: n for n in nodes}
+            for disk in self.definition.disks:
+                node = self._nodes.get(disk.dev, {})
+                if node.get("file") == str(disk.file) and "drv" in node:
+                    self._formats[disk.file] = str(node["drv"])
+        return self._nodes
+
+    async def keep_tables(self) -> None:
+        """After this operation made or deleted a snapshot of the running domain, keep
+        the disks' tables as QEMU now has them (``tables.TableCopy``): the next listing,
+        by this process or another, needs no ``qemu-img``."""
+        if not self._tables_changed or not self.running:
+            return
+        copy = TableCopy(self.paths, self.definition)
+        # Keys before the query: a change made after it does not match them.
+        wall, keys = time.time_ns(), copy.keys()
+        nodes = await self.block_nodes()
+        infos = []
+        for disk in self.definition.disks:
+            node = nodes.get(disk.dev, {})
+            if node.get("file") != str(disk.file) or "image" not in node:
+                return
+            infos.append((disk.dev, dict(node["image"])))
+        await trio.to_thread.run_sync(copy.save, keys, wall, infos)
+
     def forget_images(self) -> None:
-        """The snapshot tables read are stale: a snapshot was made or removed."""
+        """The snapshot tables read are stale: a snapshot was made or removed, or QEMU
+        started or quit."""
         self._images.clear()
+        self._nodes = None
 
     async def formats(self, definition: DomainDef | None = None) -> dict[str, str]:
         """Each disk's image format, by dev."""
+        disks = (definition or self.definition).disks
+        if self.running and any(disk.file not in self._formats for disk in disks):
+            await self.block_nodes()
         result = {}
-        for disk in (definition or self.definition).disks:
+        for disk in disks:
             if disk.file not in self._formats:
                 await self.image_info(disk)
             result[disk.dev] = self._formats[disk.file]
@@ -163,20 +166,19 @@ class Vm:
                                    "it cannot hold internal snapshots")
 
     async def disk_snapshots(self, definition: DomainDef | None = None) -> list[DiskSnapshot]:
-        """Every disk's internal snapshots, in disk order then id order: from QEMU
-        when it runs (it has the images open), else from the images."""
+        """Every disk's internal snapshots, in disk order then table order: from QEMU
+        when it runs (it has the images open), else from the images; read once
+        until ``forget_images``."""
         disks = (definition or self.definition).disks
+        result = []
         if not self.running:
-            result = []
             for disk in disks:
                 info = await self.image_info(disk)
                 result += [DiskSnapshot.from_qemu(disk.dev, s) for s in info.get("snapshots", [])]
             return result
-        nodes = await (await self.monitor()).execute("query-named-block-nodes", {"flat": True})
-        by_node = {n["node-name"]: n for n in nodes}
-        result = []
+        nodes = await self.block_nodes()
         for disk in disks:
-            image = by_node.get(disk.dev, {}).get("image", {})
+            image = nodes.get(disk.dev, {}).get("image", {})
             result += [DiskSnapshot.from_qemu(disk.dev, s) for s in image.get("snapshots", [])]
         return result
 
@@ -204,6 +206,7 @@ class Vm:
         QMP transaction when QEMU runs (call it with the vCPUs stopped for a VM
         snapshot), ``qemu-img snapshot -c`` on each closed image otherwise."""
         self.forget_images()
+        self._tables_changed = True
         if self.running:
             actions = [{"type": "blockdev-snapshot-internal-sync",
                         "data": {"device": d.dev, "name": tag}} for d in self.definition.disks]
@@ -225,6 +228,7 @@ class Vm:
         have left it on some only)."""
         table = await self.disk_snapshots()
         self.forget_images()
+        self._tables_changed = True
         for disk in self.definition.disks:
             snaps = [s for s in table if s.dev == disk.dev]
             if not any(s.tag == tag for s in snaps):
@@ -249,6 +253,12 @@ class Vm:
         """Remove VM snapshot ``name``, whatever state it is in: its info file first,
         so it is gone at once, then its disk snapshots and files (a dead process's
         journal finishes the job)."""
-        await trio.to_thread.run_sync(self.store.info_path(name).unlink, True)
-        await self.delete_disk_tag(tag)
-        await trio.to_thread.run_sync(self.store.remove, name)
+        with trace.phase("remove the info file"):
+            await trio.to_thread.run_sync(self.store.info_path(name).unlink, True)
+        with trace.phase("delete the disk snapshots"):
+            await self.delete_disk_tag(tag)
+        with trace.phase("remove the save image and config"):
+            discarded = await trio.to_thread.run_sync(self.store.discard_save, name)
+            if discarded is not None:
+                self.discarded.append(discarded)
+            await trio.to_thread.run_sync(self.store.remove, name)

@@ -253,10 +253,19 @@ def test_life_cycle_with_shell_commands(tree: Tree) -> None:
     sh(f"echo > {web}/before-upgrade/apply")     # a bare newline means running
     assert tree.status("web")["state"] == "running"
 
+    store = tree.store("web")
+    saved = store.save_path("before-upgrade")
+    assert saved.exists()
     sh(f"rmdir {web}/before-upgrade")
     assert not (web / "before-upgrade").exists()
     listed = json.loads(env.snapfs("vm-snapshot-list", "--json", "web").stdout)
     assert "before-upgrade" not in [s["name"] for s in listed]
+    # The save image is unlinked behind the rmdir, under a temporary name meanwhile.
+    deadline = time.monotonic() + 10
+    while any(p.name.startswith(".before-upgrade.save") for p in store.dir.iterdir()):
+        assert time.monotonic() < deadline, sorted(os.listdir(store.dir))
+        time.sleep(0.05)
+    assert not saved.exists()
 
 
 def test_save_image_through_the_tree_is_the_stored_file(tree: Tree) -> None:
