@@ -220,6 +220,77 @@ class LocalView:
         return f"<LocalView {self.tag!r} of {self.image}: {state}>"
 
 
+class LocalViews:
+    """The in-process views of one :class:`~snapfs.diskview.views.DiskViews`, one
+    :class:`Local` per snapshot, refcounted by the views open on it; the last view
+    closed stops it (reopening costs only its tables, nothing to keep warm)."""
+
+    def __init__(self, nbd_dir: Path, owner_start: int | None) -> None:
+        self.nbd_dir = nbd_dir
+        self.owner_start = owner_start
+        self._locals: dict[tuple[int, int, str], Local] = {}
+
+    async def open(self, path: Path, st: os.stat_result, tag: str,
+                   shut: Callable[[], bool]) -> LocalView | None:
+        """A view read in-process; None when the reader cannot read the image.
+        ``shut()`` says whether the owner was shut down meanwhile."""
+        key = (st.st_dev, st.st_ino, tag)
+        while True:
+            local = self._locals.get(key)
+            if local is None:
+                local = Local(path, st, tag, nbd_dir=self.nbd_dir,
+                              owner_start=self.owner_start)
+                self._locals[key] = local
+            async with local.lock:
+                if local.closed:
+                    continue
+                local.refs += 1
+                if local.layer is not None:
+                    local.try_write_record()
+                    return LocalView(local, self._close)
+                try:
+                    await local.start()
+                except qcow2.Unsupported as err:
+                    logger.info("snapshot %r of %s: %s; served by qemu-nbd", tag, path, err)
+                    return None
+                finally:
+                    if local.closed and self._locals.get(key) is local:
+                        del self._locals[key]
+                if shut():
+                    local.refs -= 1
+                    await local.stop()
+                    raise DiskViewError("disk views are shut down")
+                return LocalView(local, self._close)
+
+    async def _close(self, view: LocalView) -> None:
+        local = view.local
+        local.refs -= 1
+        if local.refs > 0:
+            local.try_write_record()
+            return
+        with trio.CancelScope(shield=True):
+            async with local.lock:
+                if local.refs == 0 and not local.closed:
+                    await local.stop()
+                    key = (local.dev, local.ino, local.tag)
+                    if self._locals.get(key) is local:
+                        del self._locals[key]
+
+    def is_open(self, path: str, tag: str) -> bool:
+        return any(v.refs > 0 and v.tag == tag and not v.closed and str(v.image) == path
+                   for v in self._locals.values())
+
+    async def stop_all(self) -> None:
+        for local in list(self._locals.values()):
+            await local.stop()
+        self._locals.clear()
+
+    def drop_records(self) -> None:
+        """The run is ending without a stop: leave no record claiming a view."""
+        for local in self._locals.values():
+            local.record.unlink(missing_ok=True)
+
+
 # -- answers without a view ----------------------------------------------------
 
 _answers: OrderedDict[tuple[Any, ...], Any] = OrderedDict()

@@ -1,13 +1,15 @@
 """The views a process has open: :class:`DiskViews` and the :class:`DiskView` it hands out.
 
 Life cycle
-    :class:`DiskViews` keeps one server per (image, tag) in this process,
-    reference counted by the views open on it.  The first :meth:`DiskViews.open`
-    starts ``qemu-nbd``; when the last view is closed the server stays up for
-    ``idle`` seconds (a tool that opens the same file again reuses it), then
-    it is stopped and its socket and record are removed.  A
-    :class:`DiskViews` belongs to one ``trio.run``; if that run ends without
-    :meth:`DiskViews.aclose`, its servers are killed as the run shuts down.
+    A view is read in-process from the snapshot's qcow2 tables
+    (:class:`~snapfs.diskview.local.LocalViews`) unless the reader refuses the
+    image; then :class:`DiskViews` keeps one ``qemu-nbd`` server per (image, tag)
+    in this process, reference counted by the views open on it.  When the last
+    view of a server is closed the server stays up for ``idle`` seconds (a tool
+    that opens the same file again reuses it), then it is stopped and its socket
+    and record are removed.  A :class:`DiskViews` belongs to one ``trio.run``;
+    if that run ends without :meth:`DiskViews.aclose`, its servers are killed as
+    the run shuts down.
 
 Read-ahead
     A view read sequentially in small pieces (FUSE asks for 128 KiB) reads
@@ -29,8 +31,7 @@ from ..config import nbd_dir
 from ..errors import QemuError
 from ..images import run_tool
 from ..procfs import proc_info
-from ..qcow2 import Unsupported
-from .local import Local, LocalView
+from .local import LocalView, LocalViews
 from .pool import DEFAULT_HANDLES, nbd
 from .records import STOP_TIMEOUT, DiskViewError, reap_stale
 from .server import Server, classify, image_opts
@@ -178,7 +179,7 @@ class DiskViews:
         os.chmod(self.nbd_dir, 0o700)
         reap_stale(self.run_dir)
         self._servers: dict[tuple[int, int, str], Server] = {}
-        self._locals: dict[tuple[int, int, str], Local] = {}
+        self._locals = LocalViews(self.nbd_dir, self.owner_start)
         self._closed = False
         self._janitor: trio.CancelScope | None = None
         self._wakeup = trio.Event()
@@ -205,7 +206,7 @@ class DiskViews:
             raise DiskViewError(f"cannot stat {path}: {e}", e.errno or _errno.EIO) from e
         key = (st.st_dev, st.st_ino, tag)
         if self.local:
-            view = await self._open_local(path, st, key)
+            view = await self._locals.open(path, st, tag, lambda: self._closed)
             if view is not None:
                 return view
         self._ensure_janitor()
@@ -257,50 +258,6 @@ class DiskViews:
                             self._park(srv)
                 return DiskView(self, srv)
 
-    async def _open_local(self, path: Path, st: os.stat_result,
-                          key: tuple[int, int, str]) -> LocalView | None:
-        """A view read in-process; None when the reader cannot read the image."""
-        while True:
-            local = self._locals.get(key)
-            if local is None:
-                local = Local(path, st, key[2], nbd_dir=self.nbd_dir,
-                              owner_start=self.owner_start)
-                self._locals[key] = local
-            async with local.lock:
-                if local.closed:
-                    continue
-                local.refs += 1
-                if local.layer is not None:
-                    local.try_write_record()
-                    return LocalView(local, self._close_local)
-                try:
-                    await local.start()
-                except Unsupported as err:
-                    logger.info("snapshot %r of %s: %s; served by qemu-nbd", key[2], path, err)
-                    return None
-                finally:
-                    if local.closed and self._locals.get(key) is local:
-                        del self._locals[key]
-                if self._closed:    # aclose() ran meanwhile
-                    local.refs -= 1
-                    await local.stop()
-                    raise DiskViewError("disk views are shut down")
-                return LocalView(local, self._close_local)
-
-    async def _close_local(self, view: LocalView) -> None:
-        local = view.local
-        local.refs -= 1
-        if local.refs > 0:
-            local.try_write_record()
-            return
-        with trio.CancelScope(shield=True):
-            async with local.lock:
-                if local.refs == 0 and not local.closed:
-                    await local.stop()
-                    key = (local.dev, local.ino, local.tag)
-                    if self._locals.get(key) is local:
-                        del self._locals[key]
-
     async def close(self, view: View) -> None:
         """Release ``view``; the server stops ``idle`` seconds after its last view."""
         if isinstance(view, LocalView):
@@ -331,9 +288,7 @@ class DiskViews:
             return
         self._closed = True
         with trio.CancelScope(shield=True):
-            for local in list(self._locals.values()):
-                await local.stop()
-            self._locals.clear()
+            await self._locals.stop_all()
             with trio.move_on_after(STOP_TIMEOUT * 3 + 5) as scope:
                 for srv in list(self._servers.values()):
                     async with srv.lock:
@@ -359,8 +314,7 @@ class DiskViews:
     def is_open(self, image: Path, tag: str) -> bool:
         """True while this process has a view open on that snapshot."""
         path = os.path.abspath(image)
-        if any(v.refs > 0 and v.tag == tag and not v.closed and str(v.image) == path
-               for v in self._locals.values()):
+        if self._locals.is_open(path, tag):
             return True
         return any(
             s.refs > 0 and s.tag == tag and not s.dead and str(s.image) == path
@@ -478,8 +432,7 @@ class DiskViews:
 
     def _kill_all_now(self) -> None:
         self._closed = True
-        for local in self._locals.values():
-            local.record.unlink(missing_ok=True)
+        self._locals.drop_records()
         for srv in list(self._servers.values()):
             try:
                 srv.kill_now()
