@@ -557,7 +557,9 @@ async def test_a_view_takes_what_its_snapshot_references_and_lists_its_changes(
     assert list(await listdir(ops, f"{DOM}/s2/disks", monkeypatch)) == [
         "vda.img", "vda.changes", "vdb.img"]    # vdb: only qemu-nbd reads it, no changes
     text = await read_file(ops, f"{DOM}/s2/disks/vda.changes")
-    assert (await walk(ops, f"{DOM}/s2/disks/vda.changes")).st_size == len(text)
+    changes = await walk(ops, f"{DOM}/s2/disks/vda.changes")
+    assert changes.st_size == len(text)
+    assert stat.S_ISREG(changes.st_mode) and perm(changes) == 0o400    # root-only, as the view
     assert json.loads(text) == {"parent": "s1", "ranges": [{"start": 0, "length": 65536},
                                                            {"start": MIB, "length": 4096}]}
     await fails(errno.ENOENT, walk(ops, f"{DOM}/s2/disks/vdb.changes"))

@@ -270,11 +270,11 @@ async def _write_apply(at: At, data: bytes) -> None:
 Render = Callable[[At], Awaitable[tuple[bytes, int]]]
 
 
-def _generated(name: str, about: str, render: Render) -> NodeKind:
+def _generated(name: str, about: str, render: Render, mode: int = FILE_MODE) -> NodeKind:
     """A file whose bytes ``render`` makes (with its mtime); their hash is its version."""
     async def stat(at: At) -> Node:
         data, mtime = await render(at)
-        return at.node(FILE_MODE, size=len(data), mtime_ns=mtime)
+        return at.node(mode, size=len(data), mtime_ns=mtime)
 
     async def open_(at: At, node: Node) -> Opening:
         data, _ = await render(at)
@@ -343,8 +343,9 @@ TABLE = PathTable((
     ("/<dom>/<snap>/disks/<dev>.img", NodeKind(
         "disk view", "the disk at snapshot time, raw (0400)", _stat_snapshot_view,
         open=_open_view)),
+    # Where a guest wrote is its disk's secret too: root-only, as the view.
     ("/<dom>/<snap>/disks/<dev>.changes", _generated(
-        "changes", "byte ranges that differ from the parent", _render_changes)),
+        "changes", "byte ranges that differ from the parent", _render_changes, SECRET_MODE)),
     ("/<dom>/<snap>/apply", NodeKind(
         "apply", "write-only (0200): writing reverts the domain", _stat_apply,
         open=_open_apply, write=_write_apply)),
