@@ -16,7 +16,8 @@ from .files import make_dirs, read_text_nofollow
 
 __all__ = [
     "Dirs", "RunPaths", "Disk", "Nic", "DomainDef", "parse_domain", "load_domain",
-    "list_domains", "definition_path", "check_snapshot_name", "check_domain_name", "parse_size",
+    "list_domains", "definition_path", "read_definition", "check_snapshot_name",
+    "check_domain_name", "parse_size",
     "random_mac", "NVRAM_DEV", "qemu_opt",
 ]
 
@@ -281,13 +282,19 @@ def _get(table: dict[str, Any], key: str, kind: type, source: str, default: Any 
     return value
 
 
-def _parse_disk(table: Any, index: int, source: str) -> Disk:
-    where = f"{source}: disks[{index}]"
+def _check_table(table: Any, where: str, keys: set[str],
+                 holding: str = "") -> None:
+    """``table`` is a TOML table of no key but ``keys`` (``holding`` names them)."""
     if not isinstance(table, dict):
-        raise ConfigError(f"{where} must be a table with dev, file and bus")
-    unknown = set(table) - _DISK_KEYS
+        raise ConfigError(f"{where} must be a table with {holding}")
+    unknown = set(table) - keys
     if unknown:
         raise ConfigError(f"{where}: unknown key '{sorted(unknown)[0]}'")
+
+
+def _parse_disk(table: Any, index: int, source: str) -> Disk:
+    where = f"{source}: disks[{index}]"
+    _check_table(table, where, _DISK_KEYS, "dev, file and bus")
     dev = _get(table, "dev", str, where, required=True)
     if not DEV_NAME.fullmatch(dev):
         raise ConfigError(f"{where}: 'dev' = {dev!r} must be 1-16 of a-z 0-9 "
@@ -314,11 +321,7 @@ def _path(table: dict[str, Any], key: str, where: str, required: bool = False) -
 
 def _parse_nic(table: Any, index: int, source: str) -> Nic:
     where = f"{source}: nics[{index}]"
-    if not isinstance(table, dict):
-        raise ConfigError(f"{where} must be a table with model, net and mac")
-    unknown = set(table) - _NIC_KEYS
-    if unknown:
-        raise ConfigError(f"{where}: unknown key '{sorted(unknown)[0]}'")
+    _check_table(table, where, _NIC_KEYS, "model, net and mac")
     model = _get(table, "model", str, where, default="virtio-net-pci")
     if not NIC_MODEL.fullmatch(model):
         raise ConfigError(f"{where}: 'model' = {model!r} is not a QEMU device name")
@@ -346,9 +349,7 @@ def parse_domain(text: str, source: str = "definition") -> DomainDef:
         table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{source}: not valid TOML: {err}") from None
-    unknown = set(table) - _KEYS
-    if unknown:
-        raise ConfigError(f"{source}: unknown key '{sorted(unknown)[0]}'")
+    _check_table(table, source, _KEYS)
     name = _get(table, "name", str, source, required=True)
     try:
         check_domain_name(name)
@@ -427,16 +428,24 @@ def definition_path(dirs: Dirs, name: str) -> Path:
     return dirs.domains / f"{check_domain_name(name)}.toml"
 
 
-def load_domain(dirs: Dirs, name: str) -> DomainDef:
-    """:raise NotFound: when no definition has that name."""
-    path = definition_path(dirs, name)
+def read_definition(path: Path, missing: str) -> DomainDef:
+    """Parse the definition file ``path`` (never through a symlink).
+
+    :raise NotFound: with ``missing`` when there is no such file. :raise ConfigError:
+    """
     try:
         text = read_text_nofollow(path)
     except FileNotFoundError:
-        raise NotFound(f"no domain named {name!r} (looked for {path})") from None
+        raise NotFound(missing) from None
     except (OSError, ValueError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: cannot read: {err}") from None
-    domain = parse_domain(text, str(path))
+    return parse_domain(text, str(path))
+
+
+def load_domain(dirs: Dirs, name: str) -> DomainDef:
+    """:raise NotFound: when no definition has that name."""
+    path = definition_path(dirs, name)
+    domain = read_definition(path, f"no domain named {name!r} (looked for {path})")
     if domain.name != name:
         raise ConfigError(f"{path}: 'name' = {domain.name!r} does not match the file name")
     missing = ("uuid" if not domain.uuid else

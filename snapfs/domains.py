@@ -31,11 +31,11 @@ from .config import (
     Disk,
     DomainDef,
     definition_path,
-    parse_domain,
     random_mac,
+    read_definition,
 )
-from .errors import AlreadyExists, ConfigError, NotFound, QemuError, StateError
-from .files import atomic_write, make_dirs, read_text_nofollow
+from .errors import AlreadyExists, ConfigError, QemuError, StateError
+from .files import atomic_write, make_dirs
 from .operation import DeleteStep, Operation, OpName
 from .qemu import OVMF_VARS, boot_files
 from .store import UNDO, UNDO_NEXT, Store, VmSnapshot
@@ -53,13 +53,7 @@ def nvram_path(dirs: Dirs, uuid: str) -> Path:
 
 
 def _read(source: Path) -> DomainDef:
-    try:
-        text = read_text_nofollow(source)
-    except FileNotFoundError:
-        raise NotFound(f"definition file {source} does not exist") from None
-    except (OSError, ValueError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{source}: cannot read: {err}") from None
-    return parse_domain(text, str(source))
+    return read_definition(source, f"definition file {source} does not exist")
 
 
 def _complete(dirs: Dirs, domain: DomainDef, old: DomainDef | None, source: Path) -> DomainDef:
