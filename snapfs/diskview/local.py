@@ -32,7 +32,7 @@ import trio
 
 from .. import qcow2
 from ..errors import NotFound, SnapfsError
-from .records import DiskViewError, store_record
+from .records import DiskViewError, Recorded, store_record
 
 __all__ = ["Local", "LocalView", "changes", "usage"]
 
@@ -66,7 +66,7 @@ def open_snapshot(image: Path, tag: str) -> tuple[qcow2.Layer, qcow2.SnapshotEnt
     return layer, entry
 
 
-class Local:
+class Local(Recorded):
     """One snapshot read in-process; ``refs`` views are open on it."""
 
     def __init__(self, image: Path, st: os.stat_result, tag: str, *, nbd_dir: Path,
@@ -94,12 +94,6 @@ class Local:
                      socket=self.record.with_suffix(".sock"), server_pid=None,
                      server_start=None, owner_start=self.owner_start, refs=self.refs,
                      snapshot=self.identity)
-
-    def try_write_record(self) -> None:
-        try:
-            self.write_record()
-        except OSError as e:
-            logger.error("cannot update view record %s: %s", self.record, e)
 
     async def start(self) -> None:
         """Record first (deletes are refused from then on), then read the tables.

@@ -39,7 +39,8 @@ from ..errors import SnapfsError
 from ..files import atomic_write
 from ..procfs import DEAD_STATES, alive, cmdline, pids, proc_info
 
-__all__ = ["STOP_TIMEOUT", "DiskViewError", "exported", "reap_stale", "store_record"]
+__all__ = ["STOP_TIMEOUT", "DiskViewError", "Recorded", "exported", "reap_stale",
+           "store_record"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,23 @@ class DiskViewError(SnapfsError):
     def __init__(self, message: str, errno: int = _errno.EIO) -> None:
         super().__init__(message)
         self.errno = errno
+
+
+class Recorded:
+    """What keeps a record of its view in ``<run dir>/nbd`` (a qemu-nbd server, an
+    in-process view): ``write_record`` stores it, ``try_write_record`` when a
+    failure to update it must not fail the read or the close that asks."""
+
+    record: Path
+
+    def write_record(self) -> None:
+        raise NotImplementedError
+
+    def try_write_record(self) -> None:
+        try:
+            self.write_record()
+        except OSError as e:
+            logger.error("cannot update view record %s: %s", self.record, e)
 
 
 def store_record(

@@ -32,7 +32,7 @@ import trio
 from ..images import qemu_opt
 from ..procfs import proc_info
 from .pool import Pool, close_handles, connect, nbd
-from .records import STOP_TIMEOUT, DiskViewError, store_record
+from .records import STOP_TIMEOUT, DiskViewError, Recorded, store_record
 
 __all__ = ["Lookup", "Server", "classify", "image_opts"]
 
@@ -84,7 +84,7 @@ def _pdeathsig_preexec(parent: int) -> Callable[[], None] | None:
     return preexec
 
 
-class Server:
+class Server(Recorded):
     """One qemu-nbd exporting one snapshot, its record, and its connection pool.
 
     ``refs`` counts the views open on it; :class:`~.views.DiskViews` changes it
@@ -150,12 +150,6 @@ class Server:
             refs=self.refs,
             snapshot=self.identity,
         )
-
-    def try_write_record(self) -> None:
-        try:
-            self.write_record()
-        except OSError as e:
-            logger.error("cannot update view record %s: %s", self.record, e)
 
     # -- start / stop --------------------------------------------------------
 
