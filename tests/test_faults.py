@@ -10,6 +10,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from conftest import Env
@@ -24,13 +26,24 @@ def snapfs_popen(env: Env, *args: str) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_no_space_left_while_saving(env: Env) -> None:
+@contextmanager
+def small_state_dir(env: Env, size: str) -> Iterator[Path]:
+    """A state dir on a tmpfs of ``size``, for saves that run out of room; every
+    process of ``env`` is stopped before it is unmounted."""
     small = env.root / "small"
     small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(small)],
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(small)],
                    check=True)
     try:
         env.state = small
+        yield small
+    finally:
+        env.kill_all()
+        subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_no_space_left_while_saving(env: Env) -> None:
+    with small_state_dir(env, "256k"):
         env.define("full", devs=DEVS)
         env.start("full")
         message = env.fails("vm-snapshot-create", "-n", "big", "full")
@@ -39,9 +52,6 @@ def test_no_space_left_while_saving(env: Env) -> None:
         assert_consistent(env, name="full")
         assert "big" not in info_tags(env, "full")
         assert not [p for p in store_dir(env, "full").iterdir() if p.name.endswith(".save.tmp")]
-    finally:
-        env.kill_all()
-        subprocess.run(["umount", "-l", str(small)], check=False)
 
 
 def test_qemu_dies_during_a_save(env: Env) -> None:
@@ -288,12 +298,7 @@ def test_a_damaged_snapshot_is_listed_as_such_and_can_be_deleted(env: Env) -> No
 
 
 def test_a_failed_undo_save_is_one_clear_line(env: Env) -> None:
-    small = env.root / "small"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs", str(small)],
-                   check=True)
-    try:
-        env.state = small
+    with small_state_dir(env, "64m") as small:
         env.define("undo3", devs=DEVS)
         env.start("undo3")
         env.snapfs("vm-snapshot-create", "-n", "s1", "undo3")
@@ -309,6 +314,3 @@ def test_a_failed_undo_save_is_one_clear_line(env: Env) -> None:
         assert "no space left" in status["last_error"].lower(), status
         (small / "filler").unlink()
         assert_consistent(env, name="undo3")
-    finally:
-        env.kill_all()
-        subprocess.run(["umount", "-l", str(small)], check=False)
