@@ -22,7 +22,7 @@ from .domstate import Records, observed_state
 from .journal import Journal
 from .status import DomainStatus
 from .store import Store, VmSnapshot
-from .tables import DiskSnapshot, TableCopy, check_tags, table_of
+from .tables import DiskSnapshot, Infos, TableCopy, check_tags, table_of
 
 __all__ = ["domain_status", "statuses", "vm_snapshots", "disk_snapshots"]
 
@@ -56,7 +56,7 @@ def statuses(dirs: Dirs, names: list[str]) -> list[DomainStatus] | None:
 def vm_snapshots(dirs: Dirs, name: str) -> list[VmSnapshot] | None:
     """The domain's VM snapshots, oldest first, damaged ones marked as such."""
     definition = load_domain(dirs, name)
-    infos = None if _unrecovered(dirs, name) else TableCopy(dirs.of(name), definition).load()
+    infos = _disk_infos(dirs, definition)
     if infos is None:
         return None
     table = table_of(infos)
@@ -65,6 +65,13 @@ def vm_snapshots(dirs: Dirs, name: str) -> list[VmSnapshot] | None:
 
 def disk_snapshots(dirs: Dirs, name: str) -> list[DiskSnapshot] | None:
     """Every internal snapshot of every disk, in disk order then table order."""
-    definition = load_domain(dirs, name)
-    infos = None if _unrecovered(dirs, name) else TableCopy(dirs.of(name), definition).load()
+    infos = _disk_infos(dirs, load_domain(dirs, name))
     return None if infos is None else list(table_of(infos).listed)
+
+
+def _disk_infos(dirs: Dirs, definition: DomainDef) -> Infos | None:
+    """The disks' tables as last kept in the run dir; None when only the engine can
+    tell (a killed operation to recover, or no valid copy)."""
+    if _unrecovered(dirs, definition.name):
+        return None
+    return TableCopy(dirs.of(definition.name), definition).load()
